@@ -1,0 +1,91 @@
+"""The ``onestep`` command.
+
+* ``onestep fit|validate|test --config configs/<method>/<dataset>.yaml [--trainer.max_steps N ...]``:
+  LightningCLI; every option can be overridden on the command line, ``--print_config`` shows the result.
+* ``onestep benchmark --suite configs/suites/<name>.yaml --out <dir>``: methods x datasets x seeds.
+* ``onestep report <dir>``: tables and figures of a benchmark directory.
+* ``onestep train-features <dataset>``: train the LeNet feature network used for Fréchet distances.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from onestep.callbacks import EvaluationCallback
+from onestep.callbacks.loggers import make_loggers
+from onestep.data import OneStepDataModule
+from onestep.generators import OneStepGenerator
+
+#: The trainer defaults every method shares (one place; a config or the command line overrides them).
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_steps": 2000,
+    "max_epochs": -1,
+    "accelerator": "auto",
+    "devices": 1,
+    "log_every_n_steps": 50,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+    "callbacks": [ModelCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=1000,
+                                  save_top_k=-1, auto_insert_metric_name=False)],
+}
+
+
+class OneStepCLI(LightningCLI):
+    """LightningCLI with the datamodule's shape linked into the model, evaluation and loggers."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
+        parser.add_lightning_class_args(EvaluationCallback, "eval")
+        parser.add_argument("--out_dir", type=str, default="runs", help="root folder of run directories")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="run name (default: <method>-<dataset>)")
+        parser.add_argument("--wandb", type=bool, default=False, help="also log to Weights & Biases")
+        parser.add_argument("--wandb_project", type=str, default="onestep")
+        parser.add_argument("--wandb_group", type=str | None, default=None)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.trainer.get("logger") in (None, True):
+            method = type(self.model).__name__.lower()
+            name = cfg.get("run_name") or f"{method}-{self.datamodule.dataset}"
+            kwargs["logger"] = make_loggers(
+                save_dir=cfg.get("out_dir", "runs"), name=name, wandb=cfg.get("wandb", False),
+                project=cfg.get("wandb_project", "onestep"), group=cfg.get("wandb_group"),
+                tags=[method, self.datamodule.dataset], config=cfg.as_dict())
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_lightning(args: list[str] | None = None, run: bool = True) -> OneStepCLI:
+    return OneStepCLI(
+        OneStepGenerator, OneStepDataModule, subclass_mode_model=True,
+        trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args, run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    if command == "benchmark":
+        from onestep.benchmark.runner import main as benchmark_main
+        return benchmark_main(argv[1:])
+    if command == "report":
+        from onestep.benchmark.report import main as report_main
+        return report_main(argv[1:])
+    if command == "train-features":
+        from onestep.metrics.features import main_train_features
+        return main_train_features(argv[1:]) or 0
+    cli = run_lightning(argv)
+    trainer = getattr(cli, "trainer", None)
+    if trainer is not None and trainer.is_global_zero and trainer.log_dir:
+        print(f"onestep: log directory {Path(trainer.log_dir).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Generator plugins. Each is a :class:`OneStepGenerator` subclass selected by its import path."""
+
+from onestep.generators.base import OneStepGenerator
+from onestep.generators.flow_matching import FlowMatching
+from onestep.generators.otnfm import OTNFM
+
+__all__ = ["OneStepGenerator", "FlowMatching", "OTNFM"]

@@ -1,0 +1,197 @@
+"""The plugin contract every generator implements.
+
+A method subclasses :class:`OneStepGenerator` and writes two things:
+
+* ``loss(x, idx) -> Tensor | (Tensor, dict)``: the training objective on a batch of normalised data
+  ``x`` with dataset indices ``idx`` (extra diagnostics go in the dict and are logged as ``train/<key>``);
+* ``generate(n, generator) -> Tensor``: ``n`` samples in normalised data space with the *current* weights.
+
+Everything else is shared: the optimiser and learning-rate schedule, gradient clipping, the exponential
+moving average (EMA) of the weights that sampling and evaluation use, chunked sampling, and logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class OneStepGenerator(L.LightningModule):
+    """Base class of every generator plugin.
+
+    Args:
+        data_shape: shape of one data sample, e.g. ``(2,)`` or ``(1, 28, 28)``; linked from the datamodule.
+        backbone: network spec ``{"name": ..., **kwargs}`` for :func:`onestep.nets.build_backbone`.
+        lr, weight_decay, betas: AdamW settings.
+        warmup_steps: linear learning-rate warm-up from 0.
+        lr_schedule: ``constant`` or ``cosine`` (decays to 0 at ``trainer.max_steps``).
+        ema_decay: EMA decay of the weights used for sampling; 0 disables averaging.
+        grad_clip: maximal global gradient norm; 0 disables clipping.
+    """
+
+    #: network evaluations per sample at the default setting
+    nfe: int = 1
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (2,),
+        backbone: Mapping[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        ema_decay: float = 0.999,
+        grad_clip: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check(len(data_shape) > 0 and all(int(s) > 0 for s in data_shape),
+               f"data_shape must be a non-empty list of positive sizes, got {list(data_shape)}")
+        _check(lr > 0, f"lr must be > 0, got {lr}")
+        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        _check(all(0 <= b < 1 for b in betas), f"betas must lie in [0, 1), got {betas}")
+        _check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
+        _check(lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        _check(0 <= ema_decay < 1, f"ema_decay must lie in [0, 1), got {ema_decay}")
+        _check(grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.backbone_spec = dict(backbone) if backbone is not None else None
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
+        self.ema_decay, self.grad_clip = ema_decay, grad_clip
+        self._ema: dict[str, Tensor] | None = None
+        self.save_hyperparameters()
+
+    # ------------------------------------------------------------------ to implement
+    def loss(self, x: Tensor, idx: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def randn(self, n: int, shape: Sequence[int] | None = None,
+              generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise ``(n, *shape)`` on the model's device, reproducible through ``generator``."""
+        shape = self.data_shape if shape is None else tuple(shape)
+        device = generator.device if generator is not None else self.device
+        z = torch.randn((n, *shape), generator=generator, device=device)
+        return z.to(self.device)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, idx = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        out = self.loss(x, idx)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        self.log("train/loss", loss, prog_bar=True)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+
+        def factor(step: int) -> float:
+            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+            if self.lr_schedule == "cosine" and total:
+                progress = min(1.0, max(0.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps)))
+                return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return warm
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # ------------------------------------------------------------------ EMA
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def _ensure_ema(self) -> dict[str, Tensor]:
+        if self._ema is None:
+            self._ema = {name: p.detach().clone() for name, p in self._trainable().items()}
+        return self._ema
+
+    def reset_ema(self) -> None:
+        """Restart the average from the current weights (used when a new training stage begins)."""
+        self._ema = None
+        self._ensure_ema()
+
+    def on_fit_start(self) -> None:
+        ema = self._ensure_ema()
+        for name, p in self.named_parameters():
+            if name in ema:
+                ema[name] = ema[name].to(p.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        ema = self._ensure_ema()
+        with torch.no_grad():
+            for name, p in self._trainable().items():
+                if name not in ema:  # a parameter that became trainable later (a new stage)
+                    ema[name] = p.detach().clone()
+                elif self.ema_decay == 0:
+                    ema[name].copy_(p)
+                else:
+                    ema[name].lerp_(p.detach(), 1.0 - self.ema_decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Swap the EMA weights in for the duration of the block."""
+        ema = self._ensure_ema()
+        params = dict(self.named_parameters())
+        backup = {name: params[name].detach().clone() for name in ema if name in params}
+        with torch.no_grad():
+            for name, value in ema.items():
+                if name in params:
+                    params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in backup.items():
+                    params[name].copy_(value)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ema"] = {k: v.detach().cpu() for k, v in self._ensure_ema().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ema" in checkpoint:
+            self._ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, n: int, generator: torch.Generator | None = None, use_ema: bool = True) -> Tensor:
+        """``n`` samples in normalised data space, drawn with the EMA weights by default."""
+        return self.sample_chunked(n, chunk_size=max(1, n), generator=generator, use_ema=use_ema)
+
+    @torch.no_grad()
+    def sample_chunked(self, n: int, chunk_size: int = 4096, generator: torch.Generator | None = None,
+                       use_ema: bool = True) -> Tensor:
+        """Like :meth:`sample` but in chunks of at most ``chunk_size``, so large ``n`` fits in memory."""
+        _check(n >= 1, f"n must be >= 1, got {n}")
+        _check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights() if use_ema else contextlib.nullcontext():
+                chunks = [self.generate(min(chunk_size, n - start), generator) for start in range(0, n, chunk_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks)
