@@ -69,6 +69,7 @@ def run_lightning(args: list[str] | None = None, run: bool = True) -> OneStepCLI
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     if command == "benchmark":
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train-features":
         from onestep.metrics.features import main_train_features
         return main_train_features(argv[1:]) or 0
-    cli = run_lightning(argv)
+    cli = run_lightning(None if from_sys else argv)
     trainer = getattr(cli, "trainer", None)
     if trainer is not None and trainer.is_global_zero and trainer.log_dir:
         print(f"onestep: log directory {Path(trainer.log_dir).resolve()}")

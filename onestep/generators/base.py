@@ -38,7 +38,8 @@ class OneStepGenerator(L.LightningModule):
         lr, weight_decay, betas: AdamW settings.
         warmup_steps: linear learning-rate warm-up from 0.
         lr_schedule: ``constant`` or ``cosine`` (decays to 0 at ``trainer.max_steps``).
-        ema_decay: EMA decay of the weights used for sampling; 0 disables averaging.
+        ema_decay: EMA decay of the weights used for sampling (with the usual warm-up
+            ``min(decay, (1 + step) / (10 + step))``); 0 disables averaging.
         grad_clip: maximal global gradient norm; 0 disables clipping.
     """
 
@@ -143,14 +144,15 @@ class OneStepGenerator(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         ema = self._ensure_ema()
+        # warm-up: early in training the average follows the weights closely, so a short run's EMA
+        # is not dominated by the random initialisation
+        decay = min(self.ema_decay, (1 + self.global_step) / (10 + self.global_step))
         with torch.no_grad():
             for name, p in self._trainable().items():
                 if name not in ema:  # a parameter that became trainable later (a new stage)
                     ema[name] = p.detach().clone()
-                elif self.ema_decay == 0:
-                    ema[name].copy_(p)
                 else:
-                    ema[name].lerp_(p.detach(), 1.0 - self.ema_decay)
+                    ema[name].lerp_(p.detach(), 1.0 - decay)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:

@@ -1,0 +1,250 @@
+"""`OneStepDataModule`: one LightningDataModule for synthetic manifolds and image datasets.
+
+Batches are `(x, idx)`: `x` float32 in normalised space (B, *data_shape), `idx` int64 indices into
+`train_data`. Normalisation is the identity for synthetic sets and `x = 2 p - 1` for images, where raw
+pixel values p are in [0, 1] (uint8 input in [0, 255] is divided by 255 first).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from .images import load_cifar10, load_image_folder, load_mnist
+from .manifolds import MANIFOLDS, Manifold, get_manifold
+
+__all__ = ["OneStepDataModule", "DATASETS", "IMAGE_SHAPES", "resolve_data_root"]
+
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "image_folder": (3, 32, 32),  # (3, image_size, image_size)
+}
+DATASETS: tuple[str, ...] = (*MANIFOLDS, *IMAGE_SHAPES)
+SPLITS = ("train", "val", "test")
+DEFAULT_N_TRAIN_SYNTHETIC = 20000
+
+
+def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data folder: `root` if given, else $ONESTEP_DATA, else the first existing of
+    `<repo>/../shared/datasets` and `<cwd>/../shared/datasets`, else `<cwd>/data`."""
+    if root is not None and str(root) != "":
+        return Path(root).expanduser()
+    if os.environ.get("ONESTEP_DATA"):
+        return Path(os.environ["ONESTEP_DATA"]).expanduser()
+    here = Path(__file__).resolve()
+    candidates = [here.parents[3] / "shared" / "datasets"] if len(here.parents) > 3 else []
+    candidates.append(Path.cwd().parent / "shared" / "datasets")
+    return next((c for c in candidates if c.is_dir()), Path.cwd() / "data")
+
+
+def split_seed(seed: int, split: str) -> int:
+    """A 63-bit seed derived from (`seed`, `split`) so that every split has its own stream."""
+    return int(np.random.SeedSequence([int(seed), 7919 + SPLITS.index(split)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _check_count(option: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        allowed = "an integer >= 1" + (" or None (all)" if allow_none else "")
+        raise ValueError(f"OneStepDataModule: {option}={value!r} is not allowed; use {allowed}")
+
+
+class _BatchIndexedDataset(TensorDataset):
+    """TensorDataset whose `__getitems__` gathers a whole batch with one indexing op."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _collate_gathered(batch: tuple[Tensor, ...] | list) -> tuple[Tensor, ...]:
+    if isinstance(batch, tuple):  # already gathered by __getitems__
+        return batch
+    return tuple(torch.stack(column) for column in zip(*batch))
+
+
+class OneStepDataModule(L.LightningDataModule):
+    """Data for every generator: a synthetic manifold (see `MANIFOLDS`) or an image set.
+
+    Args:
+        dataset: one of `DATASETS` (manifold names, `mnist`, `fashion_mnist`, `cifar10`, `image_folder`).
+        batch_size: training batch size.
+        n_train: training set size (synthetic default 20000; images: the first `n_train`, default all).
+        n_val, n_test: validation / test set sizes. Images: test = the first `n_test` images of the
+            test file, val = its last `n_val` images.
+        root: data folder (else $ONESTEP_DATA, else `../shared/datasets`); for `image_folder`, the folder.
+        noise_std: training noise of a synthetic manifold (default: the manifold's own).
+        seed: seeds the synthetic splits (one derived seed per split) and the shuffling order.
+        num_workers: DataLoader workers.
+        image_size: side of `image_folder` images.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "8gaussians",
+        batch_size: int = 256,
+        n_train: int | None = None,
+        n_val: int = 2048,
+        n_test: int = 2048,
+        root: str | None = None,
+        noise_std: float | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"OneStepDataModule: unknown dataset={dataset!r}; known datasets: {', '.join(DATASETS)}")
+        _check_count("batch_size", batch_size)
+        _check_count("n_train", n_train, allow_none=True)
+        _check_count("n_val", n_val)
+        _check_count("n_test", n_test)
+        _check_count("image_size", image_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"OneStepDataModule: num_workers={num_workers!r} is not allowed; use an integer >= 0")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.batch_size, self.n_val, self.n_test = batch_size, n_val, n_test
+        self.seed, self.num_workers = int(seed), num_workers
+        self.is_image = dataset in IMAGE_SHAPES
+        self.manifold: Manifold | None = None
+        if self.is_image:
+            if noise_std is not None:
+                raise ValueError(
+                    f"OneStepDataModule: noise_std={noise_std!r} applies only to synthetic manifolds, "
+                    f"not to dataset={dataset!r}; leave it unset (None)"
+                )
+            self.n_train = n_train
+            shape = IMAGE_SHAPES[dataset]
+            self.data_shape: tuple[int, ...] = (3, image_size, image_size) if dataset == "image_folder" else shape
+        else:
+            self.manifold = get_manifold(dataset, noise_std=noise_std)
+            self.n_train = DEFAULT_N_TRAIN_SYNTHETIC if n_train is None else n_train
+            self.data_shape = (self.manifold.ambient_dim,)
+        self.root = resolve_data_root(root) if self.is_image else (Path(root) if root else None)
+        self.image_size = image_size
+        self.num_classes: int | None = 10 if dataset in ("mnist", "fashion_mnist", "cifar10") else None
+        self.train_data: Tensor | None = None
+        self.val_data: Tensor | None = None
+        self.test_data: Tensor | None = None
+        self._labels: dict[str, Tensor] = {}
+
+    # ----------------------------------------------------------------- normalisation
+    def normalize(self, x_raw: Tensor) -> Tensor:
+        """Raw -> model space: identity (synthetic); images `2 p - 1` with p in [0, 1] (uint8 / 255)."""
+        if not self.is_image:
+            return x_raw
+        x = x_raw.float() / 255.0 if x_raw.dtype == torch.uint8 else x_raw
+        return x * 2.0 - 1.0
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model space -> raw units: identity (synthetic); images `(x + 1) / 2`, pixels in [0, 1] (not clamped)."""
+        if not self.is_image:
+            return x
+        return (x + 1.0) * 0.5
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        """Build `train_data`, `val_data`, `test_data` (normalised float32). Idempotent."""
+        if self.train_data is not None:
+            return
+        if self.manifold is not None:
+            sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+            for split, n in sizes.items():
+                generator = torch.Generator().manual_seed(split_seed(self.seed, split))
+                setattr(self, f"{split}_data", self.manifold.sample(n, generator).float())
+            return
+        train_x, train_y, test_x, test_y = self._load_images()
+        n_train = len(train_x) if self.n_train is None else self._clamp("n_train", self.n_train, len(train_x))
+        n_test = self._clamp("n_test", self.n_test, len(test_x))
+        n_val = self._clamp("n_val", self.n_val, len(test_x))
+        parts = {
+            "train": (train_x[:n_train], train_y[:n_train]),
+            "val": (test_x[len(test_x) - n_val :], test_y[len(test_x) - n_val :]),
+            "test": (test_x[:n_test], test_y[:n_test]),
+        }
+        for split, (images, labels) in parts.items():
+            setattr(self, f"{split}_data", self.normalize(images).contiguous())
+            self._labels[split] = labels.clone()
+
+    def _load_images(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.dataset in ("mnist", "fashion_mnist"):
+            fashion = self.dataset == "fashion_mnist"
+            return (*load_mnist(self.root, "train", fashion), *load_mnist(self.root, "test", fashion))
+        if self.dataset == "cifar10":
+            return (*load_cifar10(self.root, "train"), *load_cifar10(self.root, "test"))
+        images, labels = load_image_folder(self.root, self.image_size)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed(self.seed, "test")))
+        n_held = max(1, len(images) // 10) if len(images) > 1 else 0
+        held, kept = order[:n_held], order[n_held:]
+        if n_held == 0:
+            held = kept
+        return images[kept], labels[kept], images[held], labels[held]
+
+    def _clamp(self, option: str, wanted: int, available: int) -> int:
+        if wanted > available:
+            warnings.warn(
+                f"OneStepDataModule: {option}={wanted} exceeds the {available} images available for "
+                f"dataset={self.dataset!r}; using {available}",
+                stacklevel=3,
+            )
+        return min(wanted, available)
+
+    def _split_data(self, split: str) -> Tensor:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not allowed; use one of {', '.join(SPLITS)}")
+        self.setup()
+        return getattr(self, f"{split}_data")
+
+    # ----------------------------------------------------------------- access
+    def reference(self, split: str = "test", n: int | None = None) -> Tensor:
+        """The first `n` samples of `split` in raw units (all if `n` is None). For a synthetic set,
+        `n` beyond the stored split draws `n` fresh samples from that split's seed."""
+        data = self._split_data(split)
+        if n is None or n <= len(data):
+            return self.denormalize(data[:n]).clone()
+        if self.manifold is not None:
+            generator = torch.Generator().manual_seed(split_seed(self.seed, split))
+            return self.manifold.sample(n, generator).float()
+        self._clamp(f"reference(split={split!r}, n)", n, len(data))
+        return self.denormalize(data).clone()
+
+    def labels(self, split: str = "train") -> Tensor:
+        """int64 class labels aligned with `<split>_data` (image datasets only)."""
+        if not self.is_image:
+            raise ValueError(f"labels() exists only for image datasets, not for dataset={self.dataset!r}")
+        self._split_data(split)
+        return self._labels[split]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled `(x, idx)` batches; the order is seeded from `seed`. No sampler is passed, so
+        Lightning inserts a DistributedSampler under DDP."""
+        data = self._split_data("train")
+        dataset = _BatchIndexedDataset(data, torch.arange(len(data), dtype=torch.long))
+        generator = torch.Generator().manual_seed(split_seed(self.seed, "train") ^ 0x5EED)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(data) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_collate_gathered,
+            generator=generator,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"OneStepDataModule(dataset={self.dataset!r}, data_shape={self.data_shape}, "
+            f"batch_size={self.batch_size}, n_train={self.n_train}, seed={self.seed})"
+        )
