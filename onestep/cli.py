@@ -60,6 +60,15 @@ class OneStepCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+    def before_fit(self) -> None:
+        """Fail before any training: bad step counts, missing or corrupted data files."""
+        max_steps = self.trainer.max_steps
+        if max_steps == 0 or max_steps < -1:
+            raise ValueError(f"trainer.max_steps={max_steps} is not allowed; use an integer >= 1 "
+                             "(or -1 with trainer.max_epochs set)")
+        self.datamodule.setup("fit")  # reads (and validates) the data files now, not mid-run
+
+
 def run_lightning(args: list[str] | None = None, run: bool = True) -> OneStepCLI:
     return OneStepCLI(
         OneStepGenerator, OneStepDataModule, subclass_mode_model=True,

@@ -1,0 +1,91 @@
+"""The `onestep` command: configs for every method, overrides, and errors before any training."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA, needs_mnist
+from onestep.cli import main, run_lightning
+
+QUIET = ["--trainer.enable_progress_bar", "false"]
+MNIST_CONFIGS = sorted((REPO / "configs").glob("*/mnist.yaml"))
+
+
+def tiny_fit_args(config: Path, out: Path, steps: int = 1) -> list[str]:
+    return ["fit", "--config", str(config), "--trainer.max_steps", str(steps), "--out_dir", str(out),
+            "--eval.every_n_steps", "0", "--eval.at_end", "false", *QUIET]
+
+
+@needs_mnist
+@pytest.mark.parametrize("config", MNIST_CONFIGS, ids=lambda p: p.parent.name)
+def test_every_method_trains_one_step_and_samples_on_mnist(config, tmp_path):
+    cli = run_lightning(tiny_fit_args(config, tmp_path)[1:] + ["--data.n_train", "64", "--data.batch_size", "8"],
+                        run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    samples = cli.model.sample(3)
+    assert samples.shape == (3, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+def test_fit_writes_eval_jsonl_and_prints_the_log_dir(tmp_path, capsys):
+    args = ["fit", "--config", str(REPO / "configs/otnfm/8gaussians.yaml"), "--trainer.max_steps", "30",
+            "--out_dir", str(tmp_path), "--eval.every_n_steps", "15", "--eval.n_samples", "256", *QUIET,
+            "--model.init_args.backbone", "{name: mlp, hidden: [32, 32]}"]
+    assert main(args) == 0
+    log_dirs = list(tmp_path.glob("otnfm-8gaussians/version_*"))
+    assert len(log_dirs) == 1 and str(log_dirs[0].resolve()) in capsys.readouterr().out
+    lines = [json.loads(line) for line in (log_dirs[0] / "eval.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [15, 30]
+    assert {"eval/w2", "eval/manifold_dist_mean"} <= set(lines[-1]["metrics"])
+    assert lines[-1]["protocol"]["n_samples"] == 256
+
+
+def test_print_config_resolves_overrides():
+    out = subprocess.run(
+        [sys.executable, "-m", "onestep.cli", "fit", "--config", str(REPO / "configs/flow_matching/moons2d.yaml"),
+         "--model.init_args.steps", "7", "--data.batch_size", "64", "--print_config"],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "steps: 7" in out.stdout and "batch_size: 64" in out.stdout and "FlowMatching" in out.stdout
+
+
+@pytest.mark.parametrize("override, error, match", [
+    (["--data.dataset", "nope"], ValueError, "nope"),
+    (["--data.batch_size", "0"], ValueError, "batch_size"),
+    (["--trainer.max_steps", "0"], ValueError, "max_steps"),
+    (["--model.init_args.backbone", "{name: unet}"], (ValueError, SystemExit), None),
+])
+def test_bad_input_fails_before_training(override, error, match, tmp_path):
+    args = tiny_fit_args(REPO / "configs/otnfm/8gaussians.yaml", tmp_path) + override
+    with pytest.raises(error, match=match):
+        main(args)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_unknown_method_is_a_parse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(tiny_fit_args(REPO / "configs/otnfm/8gaussians.yaml", tmp_path)
+             + ["--model.class_path", "onestep.generators.NoSuchMethod"])
+    assert "NoSuchMethod" in capsys.readouterr().err
+
+
+def test_missing_data_file_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)train-images.*--data.root"):
+        main(tiny_fit_args(REPO / "configs/otnfm/mnist.yaml", tmp_path) + ["--data.root", str(tmp_path / "none")])
+
+
+@needs_mnist
+def test_corrupted_idx_file_is_reported(tmp_path):
+    raw = tmp_path / "mnist" / "raw"
+    raw.mkdir(parents=True)
+    for name in ["train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]:
+        (raw / name).write_bytes((SHARED_DATA / "mnist" / "raw" / name).read_bytes())
+    good = gzip.decompress((SHARED_DATA / "mnist" / "raw" / "train-images-idx3-ubyte.gz").read_bytes())
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(good[: len(good) // 3]))  # truncated
+    with pytest.raises(ValueError, match="(?i)corrupt|truncat"):
+        main(tiny_fit_args(REPO / "configs/otnfm/mnist.yaml", tmp_path / "out") + ["--data.root", str(tmp_path)])
