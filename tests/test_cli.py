@@ -89,3 +89,16 @@ def test_corrupted_idx_file_is_reported(tmp_path):
     (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(good[: len(good) // 3]))  # truncated
     with pytest.raises(ValueError, match="(?i)corrupt|truncat"):
         main(tiny_fit_args(REPO / "configs/otnfm/mnist.yaml", tmp_path / "out") + ["--data.root", str(tmp_path)])
+
+
+def test_a_plugin_outside_the_package_runs_through_the_cli(tmp_path, monkeypatch):
+    """The README's one-file plugin: a class path outside `onestep`, no edit to onestep."""
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
+    args = ["fit", "--config", str(REPO / "configs/otnfm/8gaussians.yaml"), "--model.class_path",
+            "ot_regression.OTRegression", "--model.init_args.backbone", "{name: mlp, hidden: [64, 64]}",
+            "--trainer.max_steps", "300", "--out_dir", str(tmp_path), "--eval.every_n_steps", "0",
+            "--eval.n_samples", "1000", "--eval.pictures", "false", *QUIET]
+    assert main(args) == 0
+    result = json.loads(next(tmp_path.glob("otregression-8gaussians/version_0/eval.jsonl")).read_text())
+    assert result["metrics"]["eval/nfe"] == 1
+    assert result["metrics"]["eval/w2"] < 1.5  # the untrained map sits near N(0, I): W2 about 4.5
