@@ -1,0 +1,257 @@
+"""``EvaluationCallback``: the evaluation protocol, run every N steps and at the end of training.
+
+Protocol (recorded with every result): ``n_samples`` generated samples are drawn with the EMA weights
+(``pl_module.sample_chunked``), split across processes (rank r draws ``n_r`` of them, the first
+``n % world_size`` ranks one more, from a generator seeded with ``seed + 1_000_003 * r``), denormalised
+to raw units and compared with ``datamodule.reference(reference_split, n_samples)`` (split across ranks
+in contiguous blocks). Every metric is a torchmetrics ``Metric`` whose states are gathered (cat) or summed
+across processes and computed on every rank, so all ranks log the same numbers, equal to a single process
+holding the same samples. W2/SW2 are computed in raw units; FD in each named feature space
+(``eval/fd_<feature>``); precision/recall/density/coverage in the last feature space (raw units for
+synthetic data); distance-to-manifold statistics when the datamodule has a ``manifold``.
+``eval/samples_per_s`` times the evaluation's own ``sample_chunked`` call on each rank (after a small
+untimed warm-up call, CUDA synchronised) and averages ``n_r / seconds`` over ranks (per-device throughput);
+``eval/nfe`` is ``pl_module.nfe``. A model may add metrics with ``extra_eval_metrics(samples_raw) -> dict``
+(called on every rank with all ranks' samples).
+
+Results go to every logger (rank 0) and, as one JSON line ``{"step", "metrics", "protocol"}``, to
+``<log_dir>/eval.jsonl``. ``final_metrics`` holds the last result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from onestep.callbacks.visuals import save_image_grid, save_scatter
+from onestep.metrics import (PRDC, FrechetDistance, ManifoldDistance, SlicedWasserstein2, Wasserstein2,
+                             check_feature_space, get_feature_extractor, reference_features, sha256_file)
+from onestep.metrics.features import WEIGHTS_DIR
+
+LENET_FOR_DATASET = {"mnist": "lenet-mnist", "fashion": "lenet-fashion", "fashion_mnist": "lenet-fashion",
+                     "fashion-mnist": "lenet-fashion", "fashionmnist": "lenet-fashion"}
+RANK_SEED_STRIDE = 1_000_003
+
+
+def split_counts(n: int, world_size: int) -> list[int]:
+    """How many of ``n`` samples each rank draws (the first ``n % world_size`` ranks one more)."""
+    return [n // world_size + (1 if r < n % world_size else 0) for r in range(world_size)]
+
+
+class EvaluationCallback(Callback):
+    """Evaluate the EMA generator every ``every_n_steps`` optimizer steps and at the end of training."""
+
+    def __init__(self, every_n_steps: int | None = 1000, n_samples: int = 2048, reference_split: str = "test",
+                 feature_space: str | Sequence[str] | None = None, w2_max_samples: int | None = 2048,
+                 offmanifold_threshold: float = 0.1, seed: int = 0, at_end: bool = True, pictures: bool = True,
+                 prdc_k: int = 5, sw_projections: int = 256, chunk_size: int = 4096,
+                 feature_weights_path: str | None = None, cache_dir: str | None = None):
+        super().__init__()
+        self.every_n_steps, self.n_samples, self.reference_split = every_n_steps, int(n_samples), reference_split
+        self.feature_space = [feature_space] if isinstance(feature_space, str) else feature_space
+        self.w2_max_samples, self.offmanifold_threshold, self.seed = w2_max_samples, offmanifold_threshold, seed
+        self.at_end, self.pictures, self.prdc_k = at_end, pictures, prdc_k
+        self.sw_projections, self.chunk_size = sw_projections, chunk_size
+        self.feature_weights_path, self.cache_dir = feature_weights_path, cache_dir
+        self.final_metrics: dict[str, float] | None = None
+        self.history: list[dict[str, Any]] = []
+        self._spaces: list[str] | None = None
+        self._extractors: dict[str, Any] = {}
+        self._reference: Tensor | None = None
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------------------------ set-up
+    def resolve_feature_spaces(self, datamodule) -> list[str]:
+        """Explicit names are checked (errors raised now, before training); ``None`` means: none for
+        synthetic data, ``pixels`` plus the dataset's LeNet (when its weights load) for MNIST-like images."""
+        if self.feature_space is not None:
+            for name in self.feature_space:
+                check_feature_space(name, self.feature_weights_path if name != "pixels" else None)
+            return list(self.feature_space)
+        if not getattr(datamodule, "is_image", False):
+            return []
+        spaces = ["pixels"]
+        lenet = LENET_FOR_DATASET.get(str(getattr(datamodule, "dataset", "")).lower())
+        if lenet is not None:
+            try:
+                check_feature_space(lenet)
+                spaces.append(lenet)
+            except Exception as err:  # missing/corrupted weights: evaluate in pixels only, loudly
+                warnings.warn(f"{lenet} features unavailable ({err}); evaluating FD/PRDC in pixels only")
+        return spaces
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.datamodule is None:
+            raise RuntimeError("EvaluationCallback needs trainer.datamodule (a OneStepDataModule); "
+                               "pass datamodule=... to trainer.fit")
+        self._spaces = self.resolve_feature_spaces(trainer.datamodule)
+        self._reference = None
+
+    def protocol(self, trainer: Trainer) -> dict[str, Any]:
+        dm = trainer.datamodule
+        spaces = self._spaces or []
+        weights = {}
+        for name in spaces:
+            if name.startswith("lenet-"):
+                path = Path(self.feature_weights_path or WEIGHTS_DIR / f"{name}.pt")
+                weights[name] = sha256_file(path)
+        protocol = {"n_samples": self.n_samples, "reference_split": self.reference_split,
+                    "feature_space": spaces or None, "seed": self.seed, "w2_max_samples": self.w2_max_samples,
+                    "world_size": trainer.world_size, "prdc_k": self.prdc_k,
+                    "prdc_space": spaces[-1] if spaces else "raw", "sw_projections": self.sw_projections,
+                    "offmanifold_threshold": self.offmanifold_threshold,
+                    "dataset": getattr(dm, "dataset", None), "feature_weights_sha256": weights or None}
+        if "inception" in spaces and getattr(dm, "dataset", "") in LENET_FOR_DATASET:
+            protocol["note"] = "Inception FD on MNIST-like data is not comparable to published FID"
+        return protocol
+
+    # ------------------------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_end and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module, final=True)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def _gather(self, trainer: Trainer, x: Tensor, counts: list[int]) -> Tensor:
+        """All ranks' samples in rank order (padded all_gather, then trimmed to the known counts)."""
+        if trainer.world_size == 1:
+            return x
+        padded = torch.cat([x, x.new_zeros((max(counts) - x.shape[0], *x.shape[1:]))])
+        gathered = trainer.strategy.all_gather(padded)
+        return torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
+
+    def _real_features(self, name: str, reference: Tensor, dm) -> Tensor:
+        extractor = self._extractors[name]
+        if name == "pixels":
+            return extractor(reference)
+        tag = [f"seed{getattr(dm, 'seed', 'na')}"]
+        if name.startswith("lenet-"):
+            tag.insert(0, sha256_file(self.feature_weights_path or WEIGHTS_DIR / f"{name}.pt")[:12])
+        feats = reference_features(name, getattr(dm, "dataset", "data"), self.reference_split, self.n_samples,
+                                   lambda: extractor(reference), self.cache_dir, tag="-".join(tag))
+        return feats.to(reference.device)
+
+    def _sample(self, pl_module: LightningModule, n: int, rank: int) -> tuple[Tensor, float]:
+        device = pl_module.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+        warm = torch.Generator(device=device).manual_seed(self.seed + RANK_SEED_STRIDE * rank + 7)
+        pl_module.sample_chunked(min(n, 16), chunk_size=self.chunk_size, generator=warm)  # warm-up, untimed
+        gen = torch.Generator(device=device).manual_seed(self.seed + RANK_SEED_STRIDE * rank)
+        sync(device)
+        start = time.perf_counter()
+        samples = pl_module.sample_chunked(n, chunk_size=self.chunk_size, generator=gen)
+        sync(device)
+        return samples, time.perf_counter() - start
+
+    def compute_metrics(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], Tensor]:
+        """Run the protocol on every rank; returns (metrics, all ranks' raw samples or None)."""
+        dm, device = trainer.datamodule, pl_module.device
+        world, rank = trainer.world_size, trainer.global_rank
+        counts = split_counts(self.n_samples, world)
+        if self._spaces is None:
+            self._spaces = self.resolve_feature_spaces(dm)
+        devices = [device] if device.type == "cuda" else []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():  # never perturb training's RNG
+                samples, seconds = self._sample(pl_module, counts[rank], rank)
+        finally:
+            pl_module.train(was_training)
+        fake = dm.denormalize(samples).detach().to(device)
+        if self._reference is None:
+            self._reference = dm.reference(self.reference_split, self.n_samples).detach().to(device)
+        reference = self._reference
+        real = torch.tensor_split(reference, world)[rank]
+
+        metrics: dict[str, Tensor] = {}
+        with torch.no_grad():
+            w2 = Wasserstein2(self.w2_max_samples, self.seed).to(device)
+            sw2 = SlicedWasserstein2(self.sw_projections, self.seed).to(device)
+            for metric in (w2, sw2):
+                metric.update(fake=fake, real=real)
+            metrics["eval/w2"], metrics["eval/sw2"] = w2.compute(), sw2.compute()
+            if getattr(dm, "manifold", None) is not None:
+                manifold = ManifoldDistance(dm.manifold.distance, self.offmanifold_threshold).to(device)
+                manifold.update(fake)
+                stats = manifold.compute()
+                metrics.update({f"eval/manifold_dist_{k}": stats[k] for k in ("mean", "median", "p95")})
+                metrics["eval/offmanifold"] = stats["offmanifold"]
+            prdc_fake, prdc_real = fake, real
+            for name in self._spaces:
+                if name not in self._extractors:
+                    use_path = self.feature_weights_path is not None and name != "pixels"
+                    kw = {"weights_path": self.feature_weights_path} if use_path else {}
+                    self._extractors[name] = get_feature_extractor(name, **kw)
+                fake_f = self._extractors[name](fake)
+                real_f = torch.tensor_split(self._real_features(name, reference, dm), world)[rank]
+                fd = FrechetDistance(fake_f.shape[1]).to(device)
+                fd.update(fake=fake_f, real=real_f)
+                metrics[f"eval/fd_{name}"] = fd.compute()
+                prdc_fake, prdc_real = fake_f, real_f
+            pr = PRDC(self.prdc_k).to(device)
+            pr.update(fake=prdc_fake, real=prdc_real)
+            metrics.update({f"eval/{k}": v for k, v in pr.compute().items()})
+            speed = torch.tensor(counts[rank] / max(seconds, 1e-12), dtype=torch.float64, device=device)
+            metrics["eval/samples_per_s"] = trainer.strategy.reduce(speed, reduce_op="mean")
+        if getattr(pl_module, "nfe", None) is not None:
+            metrics["eval/nfe"] = torch.tensor(float(pl_module.nfe))
+        everything = None
+        if self.pictures or hasattr(pl_module, "extra_eval_metrics"):
+            everything = self._gather(trainer, fake, counts)
+        if hasattr(pl_module, "extra_eval_metrics"):
+            extra = pl_module.extra_eval_metrics(everything) or {}
+            metrics.update({(k if k.startswith("eval/") else f"eval/{k}"): v for k, v in extra.items()})
+        return {k: float(v) for k, v in metrics.items()}, everything
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule, final: bool = False) -> dict[str, float]:
+        """Compute the metrics (all ranks), then log, append to eval.jsonl and draw (rank 0)."""
+        step = trainer.global_step
+        self._last_step = step
+        metrics, everything = self.compute_metrics(trainer, pl_module)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: call on every rank
+        record = {"step": step, "metrics": metrics, "protocol": self.protocol(trainer)}
+        self.final_metrics, self.final_protocol = metrics, record["protocol"]
+        self.history.append(record)
+        if trainer.is_global_zero:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+                if final:
+                    logger.save()
+            with open(log_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if self.pictures and everything is not None:
+                try:
+                    self._draw(trainer, everything, log_dir / f"samples_step{step}.png", step)
+                except Exception as err:  # a picture must never stop training
+                    warnings.warn(f"could not draw the samples of step {step}: {err}")
+        return metrics
+
+    def _draw(self, trainer: Trainer, samples: Tensor, path: Path, step: int) -> None:
+        title = f"{type(trainer.lightning_module).__name__} step {step}"
+        if samples.dim() == 4:
+            save_image_grid(samples[:64], path, nrow=8, title=title)
+        else:
+            save_scatter(samples, self._reference, path, title=title)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger (and others with the same API)
+                try:
+                    logger.log_image(key="eval/samples", images=[str(path)], step=step)
+                except Exception as err:  # a picture must never stop training
+                    warnings.warn(f"could not send {path.name} to {type(logger).__name__}: {err}")
