@@ -1,0 +1,434 @@
+r"""LMPPM: manifold-probabilistic projection inside an autoencoder latent space (a reconstruction).
+
+Bar et al., arXiv:2510.00666. Its method sections could not be read; ``shared/specs/mppm.md`` rebuilds the
+model and tags every choice. This is the spec's variant **(B)**: MPPM in an autoencoder's latent space.
+
+**Model.** Encoder :math:`F: R^D \to R^d`, decoder :math:`G: R^d \to R^D`. Clean codes form a set
+:math:`M_z = F(\text{data}) \subset R^d`. A network :math:`D_\theta(z) = \mathrm{softplus}(\mathrm{mlp}(z))`
+approximates the distance to :math:`M_z`. The probability is a Gaussian tube times a kernel density:
+
+.. math::  \log P(z) = -\frac{D_\theta(z)^2}{2\sigma_d^2} + \log \frac1N\sum_i \mathcal N(z; z_i, h^2 I) + c,
+
+with the bank :math:`\{z_i\}` = codes of (a seeded subset of) the **training** split and bandwidth
+:math:`h` = Silverman's rule (or the median nearest-neighbour distance) times ``h_scale``.
+
+**Flow** (deterministic, splitting of one Euler ascent step on :math:`\log P`), ``K = steps`` times:
+
+.. math::  z \leftarrow z - \eta_d\, D_\theta(z)\, \frac{\nabla D_\theta(z)}{\|\nabla D_\theta(z)\|}
+           \quad\text{(projection; } \eta_d = \sigma_d^2 = 1 \text{ lands on the zero set)}
+
+.. math::  z \leftarrow z + \alpha\,(m(z) - z) = z + \alpha h^2 \nabla \log P_{ker}(z), \qquad
+           m(z) = \sum_i \mathrm{softmax}_i\!\big(-\|z - z_i\|^2 / 2h^2\big)\, z_i \quad\text{(mean shift)}
+
+Generation starts at :math:`z_0 \sim N(\mu_{bank}, \mathrm{diag}(s_{bank}^2))` (the spec says zero mean;
+an unconstrained encoder's codes need not be centred, so we centre on the bank) and decodes once:
+:math:`x = G(z_K)`. ``K = 1`` is the one-step setting. Blind restoration: :math:`z_0 = F(\tilde x)`, the
+same flow with ``restore_steps``, then :math:`G(z_K)`; the noise level is never given to any network.
+
+**Ablations** (``mode``, same training, so one checkpoint serves all): ``kernel_only`` = spec variant (A),
+kernel steps only; ``dae`` = the autoencoder projection: restore :math:`G(F(\tilde x))`, generate by
+:math:`z \leftarrow F(G(z))` ``K`` times.
+
+**Training, two stages inside the module** (switch at ``ae_steps``, or ``ae_fraction * max_steps``):
+
+1. autoencoder: :math:`\lambda_{rec}\|G(F(x)) - x\|^2 + \lambda_{proj}\|G(F(x + \sigma\epsilon)) - x\|^2`
+   (a denoising AE, so :math:`G \circ F` projects off-manifold inputs), :math:`\sigma \sim U(\sigma_{min}, \sigma_{max})`
+   in data units, plus the optional probabilistic alignment :math:`\lambda_{prob}\,\mathrm{mean}_i\,
+   KL(p_{\cdot|i} \| q_{\cdot|i})` of SNE neighbourhoods in pixel and latent space (bandwidths: the
+   batch's median pairwise distance). Squared errors are per-element means.
+2. distance: at the switch the autoencoder is **frozen at its EMA weights** and the bank is built (so D,
+   the bank and sampling all see one fixed latent space). With :math:`z = F(x)`,
+   :math:`\tilde z = z + \sigma s\,\epsilon`, :math:`\sigma \sim U(\text{latent\_sigma\_min}, \text{latent\_sigma\_max})`,
+   :math:`s` the RMS per-dimension std of the bank and :math:`\pi(\tilde z) = \tilde z - D n` :
+
+   .. math:: \lambda_{cons}\|\pi(\tilde z) - sg[F(G(\tilde z))]\|^2 + \lambda_{den}\|\pi(\tilde z) - z\|^2
+             + \lambda_{eik}(\|\nabla D(\tilde z)\| - 1)^2 + \lambda_{zero} D(z)^2,
+
+   latent squared errors divided by :math:`d s^2` so the weights do not depend on the code scale.
+   Before the switch ``generate`` runs without the (untrained) projection step; ``eval/lmppm_stage`` says so.
+
+**Cost** (``nfe``): a projection step (one forward plus one input-gradient backward of the small latent
+net D) counts as **one** evaluation, the decoder pass as one: ``nfe = K + 1`` (lmppm), ``1`` (kernel_only),
+``2K + 1`` (dae). The kernel step uses no network but :math:`O(N d)` per sample; :meth:`cost` itemises.
+:meth:`extra_eval_metrics` logs the nearest-neighbour distance of (re-encoded) generated samples to the
+bank next to that of held-out codes (memorisation check). Under DDP use
+``strategy=ddp_find_unused_parameters_true``: each stage leaves the other stage's networks without gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from onestep.generators.base import OneStepGenerator, _check
+from onestep.nets import build_backbone
+
+MODES = ("lmppm", "kernel_only", "dae")
+BANDWIDTH_RULES = ("silverman", "nn_median")
+
+
+# ---------------------------------------------------------------------------------------- flow pieces
+def projection_step(z: Tensor, distance: Callable[[Tensor], Tensor], eta_d: float = 1.0,
+                    create_graph: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``z - eta_d * d(z) * grad d / |grad d|``; returns (new z, d (B,), grad d (B, d)).
+
+    The gradient is normalised (clamped at 1e-6) so one unit step reaches the zero set of an exact
+    distance function even where the learned one is not unit-gradient.
+    """
+    with torch.enable_grad():
+        z_in = z if create_graph else z.detach().requires_grad_(True)
+        d = distance(z_in).reshape(len(z))
+        (g,) = torch.autograd.grad(d.sum(), z_in, create_graph=create_graph)
+    n = g / g.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    out = z_in - eta_d * d[:, None] * n
+    return (out, d, g) if create_graph else (out.detach(), d.detach(), g.detach())
+
+
+def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
+    return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)).clamp_min(0)
+
+
+def kernel_mean(z: Tensor, bank: Tensor, h: float | Tensor) -> Tensor:
+    """Mean-shift target ``m(z) = sum_i softmax_i(-|z - z_i|^2 / 2h^2) z_i`` (softmax: no underflow far away)."""
+    return torch.softmax(-_sq_dist(z, bank) / (2 * h * h), dim=1) @ bank
+
+
+def kernel_step(z: Tensor, bank: Tensor, h: float | Tensor, alpha: float) -> Tensor:
+    """``z + alpha * (m(z) - z)``, i.e. ``z + alpha h^2 grad log P_ker(z)`` for the Gaussian KDE on ``bank``."""
+    return z + alpha * (kernel_mean(z, bank, h) - z)
+
+
+def nn_distance(z: Tensor, bank: Tensor, chunk: int = 2048) -> Tensor:
+    """Euclidean distance of each row of ``z`` to its nearest row of ``bank`` (B,)."""
+    return torch.cat([_sq_dist(part, bank).min(1).values.sqrt() for part in z.split(chunk)])
+
+
+def silverman_bandwidth(codes: Tensor) -> float:
+    """Isotropic Silverman rule ``s * (4 / ((d + 2) N))^(1 / (d + 4))``, ``s`` the RMS per-dimension std."""
+    n, d = codes.shape
+    spread = codes.std(0).square().mean().sqrt().item()
+    return spread * (4.0 / ((d + 2) * n)) ** (1.0 / (d + 4))
+
+
+def nn_median_bandwidth(codes: Tensor, chunk: int = 1024) -> float:
+    """Median distance of each code to its nearest *other* code."""
+    mins = []
+    for start in range(0, len(codes), chunk):
+        sq = _sq_dist(codes[start:start + chunk], codes)
+        rows = torch.arange(sq.shape[0], device=codes.device)
+        sq[rows, rows + start] = float("inf")
+        mins.append(sq.min(1).values.sqrt())
+    return torch.cat(mins).median().item()
+
+
+def sne_alignment(x: Tensor, z: Tensor) -> Tensor:
+    """``mean_i KL(p_{.|i} || q_{.|i})``, SNE neighbourhoods of pixels ``x`` and codes ``z`` (scale: median distance)."""
+    off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+
+    def log_neighbours(v: Tensor) -> Tensor:
+        sq = _sq_dist(v, v)
+        scale2 = sq.detach()[off].median().clamp_min(1e-12)  # squared median pairwise distance
+        return torch.log_softmax((-sq / (2 * scale2)).masked_fill(~off, float("-inf")), dim=1)
+
+    log_p, log_q = log_neighbours(x.flatten(1)), log_neighbours(z)
+    return (log_p.exp() * (log_p - log_q))[off].reshape(len(x), -1).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------- the module
+class LMPPM(OneStepGenerator):
+    """Latent MPPM (variant B) with the kernel-only flow and the DAE projection as ablation modes.
+
+    Args:
+        backbone: must stay None (kept for the common signature and checkpoint hyperparameters).
+        encoder, decoder: backbone specs (default ``conv_encoder``/``conv_decoder`` for images, ``mlp``).
+        distance_net: spec of D (an ``mlp`` without time; smooth activations: it is differentiated twice).
+        latent_dim: d. mode: ``lmppm`` | ``kernel_only`` | ``dae``.
+        steps, alpha, eta_d: generation flow (K, kernel step size, projection step size).
+        restore_steps, restore_alpha: restoration flow (``restore_alpha=None`` means ``alpha``).
+        bank_size, bank_seed: bank = a seeded subset of at most ``bank_size`` training codes.
+        bandwidth_rule, h_scale, bandwidth: ``h = h_scale * rule(bank)``, or the fixed ``bandwidth``.
+        ae_steps / ae_fraction: the stage switch (steps, or a fraction of ``trainer.max_steps``).
+        sigma_min, sigma_max: DAE noise in data units; latent_sigma_min/max: D's noise in code-std units.
+        lambda_*: loss weights (``lambda_prob = 0`` switches the probabilistic alignment off).
+    """
+
+    def __init__(
+        self, data_shape: Sequence[int] = (2,), backbone: Mapping[str, Any] | None = None,
+        encoder: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
+        distance_net: Mapping[str, Any] | None = None,
+        latent_dim: int = 16, mode: str = "lmppm", steps: int = 10, alpha: float = 0.2, eta_d: float = 1.0,
+        restore_steps: int = 10, restore_alpha: float | None = None, bank_size: int = 10_000, bank_seed: int = 0,
+        bandwidth_rule: str = "silverman", h_scale: float = 1.0, bandwidth: float | None = None,
+        ae_steps: int | None = None, ae_fraction: float = 0.5, sigma_min: float = 0.05, sigma_max: float = 1.0,
+        latent_sigma_min: float = 0.05, latent_sigma_max: float = 1.0, lambda_rec: float = 1.0,
+        lambda_proj: float = 1.0, lambda_cons: float = 1.0, lambda_den: float = 1.0, lambda_eik: float = 0.1,
+        lambda_zero: float = 1.0, lambda_prob: float = 0.0, **base: Any,
+    ) -> None:
+        _check(backbone is None, "LMPPM has three networks: give encoder=, decoder= and distance_net= specs "
+               f"instead of backbone= (got backbone={backbone!r})")
+        super().__init__(data_shape=data_shape, backbone=None, **base)
+        _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+        _check(latent_dim >= 1, f"latent_dim must be >= 1, got {latent_dim}")
+        _check(steps >= 1, f"steps (K, flow iterations) must be >= 1, got {steps}")
+        _check(restore_steps >= 1, f"restore_steps (K for restoration) must be >= 1, got {restore_steps}")
+        for name, value in (("alpha", alpha), ("restore_alpha", restore_alpha)):
+            _check(value is None or 0 <= value <= 1, f"{name} must lie in [0, 1] (1 = full mean shift), got {value}")
+        _check(eta_d > 0, f"eta_d must be > 0 (1 = full projection), got {eta_d}")
+        _check(bank_size >= 1, f"bank_size must be >= 1, got {bank_size}")
+        _check(bandwidth_rule in BANDWIDTH_RULES, f"bandwidth_rule must be one of {BANDWIDTH_RULES}, got {bandwidth_rule!r}")
+        _check(h_scale > 0, f"h_scale must be > 0, got {h_scale}")
+        _check(bandwidth is None or bandwidth > 0, f"bandwidth must be > 0 or None (use the rule), got {bandwidth}")
+        _check(ae_steps is None or ae_steps >= 0, f"ae_steps must be >= 0 or None, got {ae_steps}")
+        _check(0 < ae_fraction < 1, f"ae_fraction must lie in (0, 1), got {ae_fraction}")
+        for pre, lo, hi in (("", sigma_min, sigma_max), ("latent_", latent_sigma_min, latent_sigma_max)):
+            _check(0 <= lo <= hi, f"need 0 <= {pre}sigma_min <= {pre}sigma_max, got {lo}, {hi}")
+        self.loss_weights = {"rec": lambda_rec, "proj": lambda_proj, "cons": lambda_cons, "den": lambda_den,
+                             "eik": lambda_eik, "zero": lambda_zero, "prob": lambda_prob}
+        for name, value in self.loss_weights.items():
+            _check(value >= 0, f"lambda_{name} must be >= 0, got {value}")
+        self.latent_dim, self.mode, self.steps, self.alpha, self.eta_d = latent_dim, mode, steps, alpha, eta_d
+        self.restore_steps = restore_steps
+        self.restore_alpha = alpha if restore_alpha is None else restore_alpha
+        self.bank_size, self.bank_seed, self.bandwidth_rule = bank_size, bank_seed, bandwidth_rule
+        self.h_scale, self.fixed_bandwidth = h_scale, bandwidth
+        self.ae_steps, self.ae_fraction = ae_steps, ae_fraction
+        self.sigma_range, self.latent_sigma_range = (sigma_min, sigma_max), (latent_sigma_min, latent_sigma_max)
+        image = len(self.data_shape) == 3
+        vector = {"name": "mlp", "hidden": [256, 256]}
+        self.encoder = build_backbone(encoder or ({"name": "conv_encoder"} if image else vector),
+                                      self.data_shape, (latent_dim,), time_conditioned=False)
+        self.decoder = build_backbone(decoder or ({"name": "conv_decoder"} if image else vector),
+                                      (latent_dim,), self.data_shape, time_conditioned=False)
+        self.distance_mlp = build_backbone(distance_net or {"name": "mlp", "hidden": [256, 256, 256]},
+                                           (latent_dim,), (1,), time_conditioned=False)
+        # the kernel bank and the stage live in buffers: saved in the state_dict, so checkpoints carry them
+        self.register_buffer("bank", torch.zeros(0, latent_dim))
+        self.register_buffer("bank_bandwidth", torch.zeros(()))
+        self.register_buffer("bank_mean", torch.zeros(latent_dim))
+        self.register_buffer("bank_std", torch.ones(latent_dim))
+        self.register_buffer("bank_step", torch.tensor(-1))  # global step at which the bank was built
+        self.register_buffer("stage", torch.tensor(1))       # 1 = autoencoder, 2 = distance net
+
+    # ------------------------------------------------------------------ networks
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def distance(self, z: Tensor) -> Tensor:
+        """The learned distance ``D(z) >= 0`` to the code manifold, (B,)."""
+        return nn.functional.softplus(self.distance_mlp(z)).reshape(len(z))
+
+    @property
+    def code_scale(self) -> Tensor:
+        """RMS per-dimension std of the bank: the unit of the latent noise and of the latent losses."""
+        return self.bank_std.square().mean().sqrt()
+
+    # ------------------------------------------------------------------ stages
+    def switch_step(self) -> int:
+        """Global step at which the distance stage starts."""
+        if self.ae_steps is not None:
+            return self.ae_steps
+        max_steps = self._trainer.max_steps if self._trainer is not None else -1
+        _check(max_steps is not None and max_steps > 0, "ae_steps=None needs trainer.max_steps > 0 to place the "
+               f"stage switch at ae_fraction={self.ae_fraction} of it; set ae_steps explicitly")
+        return int(round(self.ae_fraction * max_steps))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        switch = self.switch_step()  # fails now, not mid-training, when it cannot be placed
+        max_steps = self.trainer.max_steps
+        if int(self.stage) == 1 and max_steps is not None and 0 < max_steps <= switch:
+            rank_zero_warn(f"LMPPM: the distance stage starts at step {switch} >= max_steps={max_steps}; D will "
+                           "not be trained and the flow runs without its projection step")
+
+    def _start_distance_stage(self) -> None:
+        """Freeze the autoencoder at its EMA weights and build the final bank from the training split."""
+        ema, params = self._ensure_ema(), dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in ema.items():
+                if name.startswith(("encoder.", "decoder.")):
+                    params[name].copy_(value)
+        self._bank_from_datamodule()
+        self.stage.fill_(2)
+
+    def loss(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        if int(self.stage) == 1 and self.global_step >= self.switch_step():
+            self._start_distance_stage()
+        return self._autoencoder_loss(x) if int(self.stage) == 1 else self._distance_loss(x)
+
+    def _autoencoder_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        lo, hi = self.sigma_range
+        sigma = (lo + (hi - lo) * torch.rand(len(x), device=x.device)).view(-1, *[1] * (x.dim() - 1))
+        z = self.encode(x)
+        rec = (self.decode(z) - x).square().mean()
+        proj = (self.decode(self.encode(x + sigma * torch.randn_like(x))) - x).square().mean()
+        w = self.loss_weights
+        total = w["rec"] * rec + w["proj"] * proj
+        logs = {"rec": rec.detach(), "proj": proj.detach(), "stage": torch.tensor(1.0)}
+        if w["prob"] > 0:
+            prob = sne_alignment(x, z)
+            total, logs["prob"] = total + w["prob"] * prob, prob.detach()
+        return total, logs
+
+    def _distance_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():  # the autoencoder is frozen in this stage
+            z = self.encode(x)
+        lo, hi = self.latent_sigma_range
+        scale = self.code_scale
+        sigma = (lo + (hi - lo) * torch.rand(len(z), 1, device=z.device)) * scale
+        z_noisy = (z + sigma * torch.randn_like(z)).requires_grad_(True)
+        projected, _, grad = projection_step(z_noisy, self.distance, 1.0, create_graph=True)
+        with torch.no_grad():
+            target_ae = self.encode(self.decode(z_noisy))
+        unit = self.latent_dim * scale**2
+        cons = (projected - target_ae).square().sum(1).mean() / unit
+        den = (projected - z).square().sum(1).mean() / unit
+        eik = (grad.norm(dim=1) - 1).square().mean()
+        zero = self.distance(z).square().mean() / scale**2
+        w = self.loss_weights
+        total = w["cons"] * cons + w["den"] * den + w["eik"] * eik + w["zero"] * zero
+        return total, {"cons": cons.detach(), "den": den.detach(), "eik": eik.detach(), "zero": zero.detach(),
+                       "stage": torch.tensor(2.0)}
+
+    # ------------------------------------------------------------------ bank
+    @property
+    def _datamodule(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def build_bank(self, codes: Tensor, split: str = "train", bandwidth: float | None = None) -> None:
+        """Install ``codes`` (N, d) as the kernel bank. Only training codes are allowed (``split="train"``);
+        ``bandwidth`` overrides the rule and must be > 0."""
+        _check(split == "train", f"build_bank: split={split!r} refused; the kernel bank must come from the "
+               "training split only (held-out codes in the bank would leak test data into generation)")
+        _check(codes.dim() == 2 and codes.shape[1] == self.latent_dim and len(codes) >= 2,
+               f"build_bank: codes must have shape (N >= 2, {self.latent_dim}), got {tuple(codes.shape)}")
+        bandwidth = bandwidth if bandwidth is not None else self.fixed_bandwidth
+        if bandwidth is None:
+            rule = silverman_bandwidth if self.bandwidth_rule == "silverman" else nn_median_bandwidth
+            bandwidth = self.h_scale * rule(codes)
+        _check(bandwidth > 0, f"build_bank: bandwidth must be > 0, got {bandwidth} (identical codes give 0 with "
+               "the rule: set bandwidth= explicitly)")
+        codes = codes.detach().to(self.bank_mean)
+        self.bank = codes.clone()
+        self.bank_bandwidth = torch.tensor(float(bandwidth), device=codes.device)
+        self.bank_mean, self.bank_std = codes.mean(0), codes.std(0).clamp_min(1e-8)
+        self.bank_step = torch.tensor(self.global_step, device=codes.device)
+
+    @torch.no_grad()
+    def build_bank_from_data(self, x: Tensor, split: str = "train", chunk: int = 1024) -> None:
+        """Encode (a ``bank_seed``-seeded subset of at most ``bank_size`` rows of) training data ``x``."""
+        dm = self._datamodule
+        for held_out in ("val", "test"):
+            data = getattr(dm, f"{held_out}_data", None)
+            _check(data is None or data.data_ptr() != x.data_ptr(),
+                   f"build_bank_from_data: x is the datamodule's {held_out} split; the bank must come from train")
+        if len(x) > self.bank_size:
+            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.bank_seed))[: self.bank_size]
+            x = x[pick.sort().values]
+        codes = torch.cat([self.encode(part.to(self.device)) for part in x.split(chunk)])
+        self.build_bank(codes, split=split)
+
+    def _bank_from_datamodule(self) -> bool:
+        data = getattr(self._datamodule, "train_data", None)
+        if data is None:
+            return False
+        self.build_bank_from_data(data, split="train")
+        return True
+
+    def _ensure_bank(self) -> None:
+        """Stage 2 keeps its bank; in stage 1 the encoder still moves, so a provisional bank is rebuilt
+        (from the training split, current weights) whenever the step changed."""
+        stale = int(self.stage) == 1 and self._trainer is not None and int(self.bank_step) != self.global_step
+        if (len(self.bank) == 0 or stale) and not self._bank_from_datamodule() and len(self.bank) == 0:
+            raise RuntimeError("LMPPM has no kernel bank: train it with a OneStepDataModule (the bank is built "
+                               "from the training split), load a trained checkpoint, or call "
+                               "build_bank_from_data(train_x)")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # the bank's size is known only once it is built: resize before loading (checkpoint resume,
+        # load_from_checkpoint and plain load_state_dict all come through here)
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None and saved.shape != self.bank.shape:
+            self.bank = torch.zeros_like(saved, device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ flow, generation, restoration
+    def flow(self, z: Tensor, steps: int, alpha: float, mode: str | None = None) -> Tensor:
+        """``steps`` iterations of the deterministic latent flow of ``mode`` (default: ``self.mode``)."""
+        mode = mode or self.mode
+        _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+        _check(steps >= 1, f"steps (K) must be >= 1, got {steps}")
+        h = self.bank_bandwidth
+        for _ in range(steps):
+            if mode == "dae":
+                z = self.encode(self.decode(z))
+                continue
+            if mode == "lmppm" and int(self.stage) == 2:  # before stage 2, D is untrained: skip it
+                z = projection_step(z, self.distance, self.eta_d)[0]
+            if alpha > 0:
+                z = kernel_step(z, self.bank, h, alpha)
+        return z
+
+    def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        self._ensure_bank()
+        z = self.bank_mean + self.bank_std * self.randn(n, (self.latent_dim,), generator)
+        return self.decode(self.flow(z, self.steps, self.alpha))
+
+    @torch.no_grad()
+    def restore(self, x: Tensor, steps: int | None = None, alpha: float | None = None, mode: str | None = None,
+                use_ema: bool = True) -> Tensor:
+        """Blind restoration of degraded ``x`` (normalised space): ``G(flow(F(x)))``; ``dae``: ``G(F(x))``."""
+        steps = self.restore_steps if steps is None else steps
+        alpha = self.restore_alpha if alpha is None else alpha
+        mode = mode or self.mode
+        _check(steps >= 1, f"restore: steps (K) must be >= 1, got {steps}")
+        _check(mode in MODES, f"restore: mode must be one of {MODES}, got {mode!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights() if use_ema else torch.no_grad():
+                z = self.encode(x.to(self.device))
+                if mode != "dae":  # the DAE projection needs no bank
+                    self._ensure_bank()
+                    z = self.flow(z, steps, alpha, mode)
+                return self.decode(z)
+        finally:
+            self.train(was_training)
+
+    @property
+    def nfe(self) -> int:  # type: ignore[override]
+        return {"lmppm": self.steps + 1, "kernel_only": 1, "dae": 2 * self.steps + 1}[self.mode]
+
+    def cost(self, task: str = "generate") -> dict[str, int]:
+        """Per-sample work: network passes by net, and the kernel's code distances (K * N, each O(d))."""
+        _check(task in ("generate", "restore"), f"task must be 'generate' or 'restore', got {task!r}")
+        k = self.steps if task == "generate" else self.restore_steps
+        dae = self.mode == "dae"
+        proj = k if self.mode == "lmppm" else 0
+        return {"distance_forward": proj, "distance_input_grad": proj,
+                "decoder": 1 + (k if dae and task == "generate" else 0),
+                "encoder": (k if dae and task == "generate" else 0) + (task == "restore"),
+                "kernel_code_distances": 0 if dae else k * len(self.bank)}
+
+    @torch.no_grad()
+    def extra_eval_metrics(self, samples_raw: Tensor) -> dict[str, float]:
+        """Memorisation check: NN distance of re-encoded samples to the bank vs. that of test codes."""
+        dm = self._datamodule
+        x = dm.normalize(samples_raw) if dm is not None else samples_raw
+        with self.ema_weights():
+            self._ensure_bank()
+            fake = nn_distance(torch.cat([self.encode(p.to(self.device)) for p in x.split(1024)]), self.bank)
+            out = {"bank_nn_dist": fake.mean().item(), "bandwidth": float(self.bank_bandwidth),
+                   "lmppm_stage": float(self.stage)}
+            test = getattr(dm, "test_data", None)
+            if test is not None:
+                real = torch.cat([self.encode(p.to(self.device)) for p in test[: len(x)].split(1024)])
+                out["bank_nn_dist_test"] = nn_distance(real, self.bank).mean().item()
+                out["bank_nn_ratio"] = out["bank_nn_dist"] / max(out["bank_nn_dist_test"], 1e-12)
+        return out
