@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from onestep.callbacks import EvaluationCallback
+from onestep.callbacks.fault import NonFiniteGuard, PreemptionCheckpoint, check_checkpoint_file
 from onestep.callbacks.loggers import make_loggers
+from onestep.callbacks.reliability import ExactCheckpoint, ResumableRNG
 from onestep.data import OneStepDataModule
 from onestep.generators import OneStepGenerator
 
@@ -30,7 +31,11 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 50,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
-    "callbacks": [ModelCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=1000,
+    # reliability: RNG states in checkpoints, stop on NaN/inf, checkpoint on SIGTERM/SIGUSR1; ExactCheckpoint is a
+    # ModelCheckpoint whose files capture the state between two batches (exact resume). It stays last, so that
+    # `--trainer.callbacks.every_n_train_steps N` (which edits the last callback) sets the checkpoint interval.
+    "callbacks": [ResumableRNG(), NonFiniteGuard(), PreemptionCheckpoint(),
+                  ExactCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=1000,
                                   save_top_k=-1, auto_insert_metric_name=False)],
 }
 
@@ -68,6 +73,17 @@ class OneStepCLI(LightningCLI):
                              "(or -1 with trainer.max_epochs set)")
         self.datamodule.setup("fit")  # reads (and validates) the data files now, not mid-run
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then report a missing, truncated or corrupted ``--ckpt_path`` before it is read (LightningCLI
+        reads the checkpoint's hyperparameters right after parsing)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        cfg = self.config.get(subcommand) if subcommand else None
+        path = cfg.get("ckpt_path") if cfg is not None else None
+        if path and str(path) not in ("last", "best", "hpc", "registry"):
+            weights_only = cfg.get("weights_only")
+            check_checkpoint_file(path, weights_only=True if weights_only is None else bool(weights_only))
+
 
 def run_lightning(args: list[str] | None = None, run: bool = True) -> OneStepCLI:
     return OneStepCLI(
@@ -89,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(argv[1:])
     if command == "train-features":
         from onestep.metrics.features import main_train_features
-        return main_train_features(argv[1:]) or 0
+        main_train_features(argv[1:])
+        return 0
     cli = run_lightning(None if from_sys else argv)
     trainer = getattr(cli, "trainer", None)
-    if trainer is not None and trainer.is_global_zero and trainer.log_dir:
-        print(f"onestep: log directory {Path(trainer.log_dir).resolve()}")
+    if trainer is not None and trainer.is_global_zero:
+        # not trainer.log_dir: that is a collective (broadcast) and the other ranks have finished already
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+        if log_dir:
+            print(f"onestep: log directory {Path(log_dir).resolve()}")
     return 0
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .images import load_cifar10, load_image_folder, load_mnist
 from .manifolds import MANIFOLDS, Manifold, get_manifold
+from .sampler import ResumableSampler, distributed_context
 
 __all__ = ["OneStepDataModule", "DATASETS", "IMAGE_SHAPES", "resolve_data_root"]
 
@@ -59,12 +60,62 @@ def _check_count(option: str, value: int | None, allow_none: bool = False) -> No
         raise ValueError(f"OneStepDataModule: {option}={value!r} is not allowed; use {allowed}")
 
 
+def _check_options(dataset, root, noise_std, seed, num_workers) -> None:
+    """Types and ranges of the options that `_check_count` does not cover."""
+    if not isinstance(dataset, str) or dataset not in DATASETS:
+        raise ValueError(f"OneStepDataModule: unknown dataset={dataset!r}; known datasets: {', '.join(DATASETS)}")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"OneStepDataModule: root={root!r} is not allowed; use a folder path (str) or None")
+    if noise_std is not None and (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float))):
+        raise ValueError(f"OneStepDataModule: noise_std={noise_std!r} is not allowed; use a finite number >= 0 "
+                         "or None (the manifold's default)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"OneStepDataModule: seed={seed!r} is not allowed; use an integer in [0, 2**63)")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"OneStepDataModule: num_workers={num_workers!r} is not allowed; use an integer >= 0")
+
+
 class _BatchIndexedDataset(TensorDataset):
     """TensorDataset whose `__getitems__` gathers a whole batch with one indexing op."""
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return tuple(t[index] for t in self.tensors)
+
+
+class _PositionedLoader(DataLoader):
+    """The training DataLoader, resumable through Lightning's loader-state interface.
+
+    Lightning stores ``state_dict()`` in the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and
+    calls ``load_state_dict`` on the new loader of a resumed run before iterating it. The state is the
+    :class:`ResumableSampler` position of the *trained* samples: batches already fetched for the next step
+    (``ready - processed`` of the fit loop's progress) and batches prefetched by worker processes are
+    handed back to the stream."""
+
+    owner: "OneStepDataModule | None" = None
+    last_iterator = None
+
+    def __iter__(self):
+        self.last_iterator = super().__iter__()
+        return self.last_iterator
+
+    def _not_trained_batches(self) -> int:
+        it = self.last_iterator  # multi-process iterators count batches sent to and received from workers
+        in_flight = max(0, getattr(it, "_send_idx", 0) - getattr(it, "_rcvd_idx", 0)) if it is not None else 0
+        trainer = getattr(self.owner, "trainer", None)
+        loop = getattr(trainer, "fit_loop", None)
+        if loop is None:
+            return in_flight
+        progress = loop.epoch_loop.batch_progress.current
+        return in_flight + max(0, progress.ready - progress.processed)
+
+    def state_dict(self) -> dict:
+        position = self.sampler.state_dict(not_trained=self._not_trained_batches() * self.batch_size)
+        return {"position": {**position, "batch_size": self.batch_size}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "position" in state_dict:
+            self.sampler.load_state_dict(state_dict["position"])
 
 
 def _collate_gathered(batch: tuple[Tensor, ...] | list) -> tuple[Tensor, ...]:
@@ -103,15 +154,12 @@ class OneStepDataModule(L.LightningDataModule):
         image_size: int = 32,
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ValueError(f"OneStepDataModule: unknown dataset={dataset!r}; known datasets: {', '.join(DATASETS)}")
+        _check_options(dataset, root, noise_std, seed, num_workers)
         _check_count("batch_size", batch_size)
         _check_count("n_train", n_train, allow_none=True)
         _check_count("n_val", n_val)
         _check_count("n_test", n_test)
         _check_count("image_size", image_size)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"OneStepDataModule: num_workers={num_workers!r} is not allowed; use an integer >= 0")
         self.save_hyperparameters()
         self.dataset = dataset
         self.batch_size, self.n_val, self.n_test = batch_size, n_val, n_test
@@ -227,21 +275,30 @@ class OneStepDataModule(L.LightningDataModule):
         return self._labels[split]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled `(x, idx)` batches; the order is seeded from `seed`. No sampler is passed, so
-        Lightning inserts a DistributedSampler under DDP."""
+        """Shuffled `(x, idx)` batches of `batch_size` per process (the global batch is `batch_size` times
+        the number of processes). The order is a `ResumableSampler` seeded from `seed`: a fresh
+        permutation per epoch, dealt round-robin across DDP ranks, resumable anywhere (the loader's
+        `state_dict`, which Lightning keeps in checkpoints). Lightning keeps this sampler under DDP
+        instead of inserting its own."""
         data = self._split_data("train")
+        world, rank = distributed_context(self.trainer)
+        sampler = ResumableSampler(len(data), seed=split_seed(self.seed, "train"), num_replicas=world, rank=rank,
+                                   batch_size=self.batch_size)
         dataset = _BatchIndexedDataset(data, torch.arange(len(data), dtype=torch.long))
+        # a generator of its own, so creating the iterator never draws from the global RNG
         generator = torch.Generator().manual_seed(split_seed(self.seed, "train") ^ 0x5EED)
-        return DataLoader(
+        loader = _PositionedLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(data) >= self.batch_size,
+            sampler=sampler,
+            drop_last=sampler.num_samples >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=_collate_gathered,
             generator=generator,
         )
+        loader.owner = self  # reads the fit loop's progress when the position is saved
+        return loader
 
     def __repr__(self) -> str:
         return (

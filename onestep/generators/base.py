@@ -7,17 +7,35 @@ A method subclasses :class:`OneStepGenerator` and writes two things:
 * ``generate(n, generator) -> Tensor``: ``n`` samples in normalised data space with the *current* weights.
 
 Everything else is shared: the optimiser and learning-rate schedule, gradient clipping, the exponential
-moving average (EMA) of the weights that sampling and evaluation use, chunked sampling, and logging.
+moving average (EMA) of the weights that sampling and evaluation use, chunked sampling, logging, option
+validation and the reliability callbacks.
+
+Options. Every ``__init__`` option of the whole class hierarchy is checked against its annotation when
+the module is built (``int`` options must be integers, ``float`` options finite numbers, ``str`` options
+strings, ``Sequence[int]`` lists of integers, ...), so a plugin only writes the *range* checks with
+:func:`_check`; errors are ``ValueError`` naming the class, the option, the value and what is allowed.
+
+Resumable plugins. A checkpoint restores the parameters and buffers (``state_dict``), the EMA, optimiser,
+scheduler, loop progress, data-loader position and every rank's RNG states (:meth:`configure_callbacks`
+adds :class:`~onestep.callbacks.reliability.ResumableRNG`, a NaN/inf guard and the preemption handler to
+any trainer that lacks them). A plugin stays exactly resumable if it keeps all other training state in
+registered buffers (or sub-modules), or saves it in ``on_save_checkpoint`` and reads it back in
+``on_load_checkpoint`` (calling ``super()`` in both), draws randomness from torch/numpy/``random`` (or
+from generators it stores), and calls ``super()`` in any hook it overrides. Checkpoints load with
+``weights_only=True``: store tensors, numbers, strings, lists and dicts only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import types
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,6 +45,73 @@ LR_SCHEDULES = ("constant", "cosine")
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+# ---------------------------------------------------------------------- option types from annotations
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
+        return f"a list of {_describe(args[0])} values" if args else "a list"
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return "a mapping"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (types this cannot judge are accepted)."""
+    if tp is Any:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is bool:
+        return isinstance(value, (bool, np.bool_))
+    if tp is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if tp is float:
+        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+                and math.isfinite(float(value)))
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_conforms(v, args[0]) for v in value)
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def check_option_types(module: Any, options: Mapping[str, Any]) -> None:
+    """Check ``options`` against the ``__init__`` annotations of ``type(module)`` and its bases."""
+    hints: dict[str, Any] = {}
+    for cls in reversed(type(module).__mro__):
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints.update(typing.get_type_hints(init))
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve is simply not checked
+            continue
+    name = type(module).__name__
+    for option, value in options.items():
+        if option in hints and option != "return" and not _conforms(value, hints[option]):
+            raise ValueError(f"{name}: {option}={value!r} is not allowed; expected {_describe(hints[option])}")
 
 
 class OneStepGenerator(L.LightningModule):
@@ -59,11 +144,14 @@ class OneStepGenerator(L.LightningModule):
         grad_clip: float = 1.0,
     ) -> None:
         super().__init__()
+        # all options of the class hierarchy (Lightning collects the subclasses' init arguments too)
+        self.save_hyperparameters()
+        check_option_types(self, {k: v for k, v in self.hparams.items() if not k.startswith("_")})
         _check(len(data_shape) > 0 and all(int(s) > 0 for s in data_shape),
                f"data_shape must be a non-empty list of positive sizes, got {list(data_shape)}")
         _check(lr > 0, f"lr must be > 0, got {lr}")
         _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        _check(all(0 <= b < 1 for b in betas), f"betas must lie in [0, 1), got {betas}")
+        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two values in [0, 1), got {betas}")
         _check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
         _check(lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         _check(0 <= ema_decay < 1, f"ema_decay must lie in [0, 1), got {ema_decay}")
@@ -74,7 +162,6 @@ class OneStepGenerator(L.LightningModule):
         self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self._ema: dict[str, Tensor] | None = None
-        self.save_hyperparameters()
 
     # ------------------------------------------------------------------ to implement
     def loss(self, x: Tensor, idx: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
@@ -121,6 +208,18 @@ class OneStepGenerator(L.LightningModule):
         clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def configure_callbacks(self) -> list:
+        """Reliability defaults for any trainer that lacks them: RNG states in checkpoints (exact resume),
+        a stop on NaN/inf losses, and a checkpoint on SIGTERM/SIGUSR1. Callbacks of these types already in
+        the trainer (e.g. configured on the command line) are kept as they are. Overrides should extend
+        ``super().configure_callbacks()``."""
+        from onestep.callbacks.fault import NonFiniteGuard, PreemptionCheckpoint
+        from onestep.callbacks.reliability import ResumableRNG
+
+        present = self._trainer.callbacks if self._trainer is not None else []
+        return [cls() for cls in (ResumableRNG, NonFiniteGuard, PreemptionCheckpoint)
+                if not any(isinstance(cb, cls) for cb in present)]
 
     # ------------------------------------------------------------------ EMA
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
