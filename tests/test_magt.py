@@ -1,0 +1,243 @@
+"""MAGT: intrinsic density, anchor score, proposals, training on a 1-D manifold, evaluation hook, errors."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from conftest import fit_quietly
+from onestep.data import OneStepDataModule
+from onestep.generators.magt import MAGT, anchor_score, effective_sample_size, snis_weights
+from onestep.generators.magt_density import intrinsic_log_density, project_to_manifold
+from onestep.metrics import wasserstein2
+
+RADIUS = 1.5
+
+
+class CircleMap(nn.Module):
+    """``g(u) = r (cos 2 pi Phi(u), sin 2 pi Phi(u))``: pushes N(0, 1) to the uniform law on the circle."""
+
+    def __init__(self, radius: float = RADIUS):
+        super().__init__()
+        self.radius = nn.Parameter(torch.tensor(float(radius)))
+
+    def forward(self, u, t=None):
+        angle = 2 * math.pi * torch.special.ndtr(u[:, 0])
+        return self.radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+
+
+def circle_magt(**kwargs) -> MAGT:
+    model = MAGT(data_shape=(2,), latent_dim=1, **kwargs)
+    model.net = CircleMap()
+    return model
+
+
+def log_mixture(x, images, sigma):
+    """log of (1/K) sum_k N(x; g_k, sigma^2 I)."""
+    k, d = images.shape
+    return (torch.logsumexp(-(x[:, None] - images).pow(2).sum(-1) / (2 * sigma**2), dim=1)
+            - math.log(k) - 0.5 * d * math.log(2 * math.pi * sigma**2))
+
+
+# ----------------------------------------------------------------------------------- intrinsic density
+def test_circle_intrinsic_density_is_uniform_in_arc_length():
+    z = torch.tensor([[-1.3], [0.0], [0.7], [2.2]])
+    expected = torch.full((4,), 1 / (2 * math.pi * RADIUS), dtype=torch.float64)
+    logp = circle_magt().intrinsic_log_density(z)
+    assert logp.dtype == torch.float64
+    torch.testing.assert_close(logp.exp(), expected, rtol=1e-10, atol=0)
+    plain, sv = intrinsic_log_density(CircleMap().forward, z)  # any callable, not only modules
+    torch.testing.assert_close(plain.exp(), expected, rtol=1e-10, atol=0)
+    assert sv.shape == (4, 1)
+
+
+def test_linear_map_density_is_gaussian_over_volume_factor():
+    torch.manual_seed(0)
+    net = nn.Linear(2, 5, bias=True)
+    z = torch.randn(6, 2)
+    a = net.weight.detach().double()
+    expected = -0.5 * z.double().pow(2).sum(1) - math.log(2 * math.pi) - 0.5 * torch.logdet(a.T @ a)
+    torch.testing.assert_close(intrinsic_log_density(net, z)[0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_projection_onto_the_circle_gives_the_radial_residual():
+    x = torch.tensor([[2.0, 0.3], [0.0, -1.0], [-0.5, 0.4]])
+    model = circle_magt()
+    z, residual = model.project(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(residual, (x.norm(dim=1) - RADIUS).abs(), atol=1e-4, rtol=0)
+    on_circle = model.g(z)
+    torch.testing.assert_close(on_circle / RADIUS, x / x.norm(dim=1, keepdim=True), atol=1e-4, rtol=0)
+    z2, _ = project_to_manifold(model.g, x, 1, n_starts=2, bank_size=64, prior_weight=0.1**2,
+                                generator=torch.Generator().manual_seed(0))
+    assert (z2.abs() <= z.abs() + 1e-6).all()  # the MAP projection is pulled towards the prior mode
+
+
+def test_eval_hook_reports_the_circle_log_density():
+    metrics = circle_magt(eval_points=64).extra_eval_metrics(torch.zeros(100, 2))
+    assert metrics["eval/intrinsic_degenerate"] == 0.0
+    assert metrics["eval/intrinsic_logp"] == pytest.approx(-math.log(2 * math.pi * RADIUS), abs=1e-9)
+    assert circle_magt(eval_points=0).extra_eval_metrics(torch.zeros(10, 2)) == {}
+
+
+# ----------------------------------------------------------------------------------- anchors and weights
+def test_anchor_score_is_the_gradient_of_the_log_anchor_mixture():
+    gen = torch.Generator().manual_seed(0)
+    images, x = torch.randn(7, 3, generator=gen), torch.randn(5, 3, generator=gen).requires_grad_()
+    (grad,) = torch.autograd.grad(log_mixture(x, images, 0.4).sum(), x)
+    torch.testing.assert_close(anchor_score(x.detach(), images, 0.4), grad, atol=1e-5, rtol=1e-5)
+
+    # the model's own path: posterior mean from its anchors g(u_k), score (m - x~) / sigma^2
+    model = circle_magt(sigma=0.3, n_anchors=16)
+    anchors = torch.randn(16, 1, generator=gen)
+    model.draw_anchors = lambda k: anchors
+    x_tilde = torch.randn(4, 2, generator=gen).requires_grad_()
+    (grad,) = torch.autograd.grad(log_mixture(x_tilde, model.g(anchors).detach(), 0.3).sum(), x_tilde)
+    mean, weights = model.posterior_mean(x_tilde.detach())
+    torch.testing.assert_close((mean - x_tilde.detach()) / 0.3**2, grad, atol=1e-4, rtol=1e-5)
+    assert weights.shape == (4, 16) and torch.allclose(weights.sum(1), torch.ones(4))
+
+
+def test_weights_stay_float32_under_bfloat16_autocast():
+    gen = torch.Generator().manual_seed(0)
+    x, images = torch.randn(8, 16, generator=gen).bfloat16(), torch.randn(32, 16, generator=gen).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = snis_weights(x, images, 0.3)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, snis_weights(x.float(), images.float(), 0.3), atol=1e-6, rtol=1e-5)
+    ess = effective_sample_size(w)
+    assert ((ess >= 1 - 1e-4) & (ess <= 32 + 1e-3)).all()
+
+
+def test_qmc_anchors_are_stratified_and_fresh_every_draw():
+    model = MAGT(data_shape=(2,), latent_dim=2, proposal="qmc")
+    torch.manual_seed(0)
+    first, second = model.draw_anchors(256), model.draw_anchors(256)
+    for column in range(2):  # a scrambled Sobol net puts exactly one point in each of the 256 strata
+        strata = (torch.special.ndtr(first[:, column].double()) * 256).floor().long()
+        assert torch.equal(strata.sort().values, torch.arange(256))
+    assert not torch.allclose(first, second)
+
+
+def test_map_laplace_posterior_mean_matches_quadrature():
+    """Exact posterior mean of the circle model by quadrature over the latent, vs the SNIS estimates."""
+    sigma = 0.1
+    x_tilde = torch.tensor([[-0.75, -0.8], [0.3, 1.4]])
+    grid = torch.linspace(-9, 9, 100_001, dtype=torch.float64)[:, None]
+    images = CircleMap()(grid).detach()
+    logw = -(x_tilde.double()[:, None] - images).pow(2).sum(-1) / (2 * sigma**2) - 0.5 * grid[:, 0] ** 2
+    exact = torch.softmax(logw, dim=1) @ images
+    torch.manual_seed(0)
+    laplace = circle_magt(sigma=sigma, proposal="map_laplace", n_anchors=64, laplace_anchors=2048, map_steps=10)
+    mc = circle_magt(sigma=sigma, proposal="mc", n_anchors=64)
+    with torch.no_grad():
+        estimate, weights = laplace.posterior_mean(x_tilde)
+        _, mc_weights = mc.posterior_mean(x_tilde)
+    torch.testing.assert_close(estimate.double(), exact, atol=5e-3, rtol=0)
+    assert weights.shape == (2, 64 + 2048)
+    assert (effective_sample_size(weights) > 20 * effective_sample_size(mc_weights)).all()
+
+
+def test_detach_weights_changes_the_gradient_but_not_the_loss():
+    torch.manual_seed(0)
+    full = MAGT(data_shape=(2,), latent_dim=2, n_anchors=64, backbone={"name": "mlp", "hidden": [32]})
+    ablation = MAGT(data_shape=(2,), latent_dim=2, n_anchors=64, backbone={"name": "mlp", "hidden": [32]},
+                    detach_weights=True)
+    ablation.load_state_dict(full.state_dict())
+    x = torch.randn(32, 2)
+    grads, losses = [], []
+    for model in (full, ablation):
+        torch.manual_seed(1)  # same noise and anchors
+        loss, _ = model.loss(x, None)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(losses[0], losses[1])
+    assert (grads[0] - grads[1]).norm() > 1e-2 * grads[0].norm()
+
+
+# ----------------------------------------------------------------------------------- training
+class NoisyCircle(L.LightningDataModule):
+    """Uniform on the circle of radius 2 plus N(0, 0.05^2) noise: a connected one-dimensional manifold."""
+
+    radius, noise = 2.0, 0.05
+
+    def __init__(self, n: int = 4096, batch_size: int = 128):
+        super().__init__()
+        self.batch_size, self.train_data = batch_size, self.sample(n, torch.Generator().manual_seed(0))
+
+    def sample(self, n, generator):
+        angle = 2 * math.pi * torch.rand(n, generator=generator)
+        circle = self.radius * torch.stack([angle.cos(), angle.sin()], 1)
+        return circle + self.noise * torch.randn(n, 2, generator=generator)
+
+    def distance(self, x):
+        return (x.norm(dim=1) - self.radius).abs()
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(self.train_data, torch.arange(len(self.train_data)))
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=True)
+
+
+@pytest.mark.parametrize("proposal", ["mc", "qmc"])
+def test_training_on_a_circle_concentrates_samples_on_it(proposal):
+    L.seed_everything(0, verbose=False)
+    dm = NoisyCircle()
+    model = MAGT(data_shape=(2,), latent_dim=1, sigma=0.2, n_anchors=256, proposal=proposal,
+                 backbone={"name": "mlp", "hidden": [64, 64]}, lr=3e-3, ema_decay=0.0)
+    reference = dm.sample(1000, torch.Generator().manual_seed(5))
+
+    def scores() -> tuple[float, float]:
+        samples = model.sample(1000, generator=torch.Generator().manual_seed(1))
+        return float(wasserstein2(samples, reference)), float((dm.distance(samples) > 0.1).float().mean())
+
+    w2_before, off_before = scores()
+    trainer = fit_quietly(model, dm, steps=400)
+    w2_after, off_after = scores()
+    assert w2_after < 0.5 * w2_before, (w2_before, w2_after)
+    assert off_after < 0.2 * off_before, (off_before, off_after)  # untrained: ~all samples off the circle
+    logged = trainer.callback_metrics
+    assert {"train/ess_mean", "train/ess_min", "train/weight_max", "train/loss_fisher_scaled"} <= set(logged)
+    assert 1.0 <= float(logged["train/ess_min"]) <= float(logged["train/ess_mean"]) <= 256
+
+
+def test_fit_with_evaluation_reports_intrinsic_metrics(tmp_path):
+    from onestep.callbacks import EvaluationCallback
+
+    L.seed_everything(0, verbose=False)
+    dm = OneStepDataModule("helix3d", batch_size=32, n_train=256, seed=0)
+    model = MAGT(data_shape=dm.data_shape, latent_dim=1, n_anchors=32, proposal="map_laplace", laplace_anchors=4,
+                 backbone={"name": "mlp", "hidden": [16]}, eval_points=64, eval_projection_points=16)
+    callback = EvaluationCallback(every_n_steps=None, n_samples=128, pictures=False)
+    fit_quietly(model, dm, steps=3, callbacks=[callback], default_root_dir=tmp_path)
+    metrics = callback.final_metrics
+    assert math.isfinite(metrics["eval/intrinsic_logp"]) and metrics["eval/nfe"] == 1
+    assert metrics["eval/heldout_residual_mean"] >= 0 and "eval/heldout_intrinsic_logp" in metrics
+
+
+def test_image_generator_is_one_decoder_pass():
+    model = MAGT(data_shape=(1, 28, 28), latent_dim=8, n_anchors=4,
+                 backbone={"name": "conv_decoder", "base_channels": 8})
+    calls = []
+    model.net.register_forward_hook(lambda *a: calls.append(1))
+    assert model.sample(3).shape == (3, 1, 28, 28) and len(calls) == 1 and model.nfe == 1
+    loss, logs = model.loss(torch.rand(2, 1, 28, 28) * 2 - 1, None)
+    assert loss.ndim == 0 and torch.isfinite(loss) and float(logs["ess_mean"]) >= 1
+
+
+# ----------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize("kwargs, option", [
+    ({"sigma": 0.0}, "sigma"), ({"sigma": -0.1}, "sigma"), ({"sigma": float("nan")}, "sigma"),
+    ({"tau": 1.0}, "tau"), ({"tau": 0.0}, "tau"), ({"sigma": 0.2, "tau": 0.5}, "sigma or tau"),
+    ({"n_anchors": 0}, "n_anchors"), ({"latent_dim": 0}, "latent_dim"), ({"latent_dim": 1.5}, "latent_dim"),
+    ({"proposal": "sobol"}, "proposal"), ({"loss_weight": "mean"}, "loss_weight"), ({"n_noise": 0}, "n_noise"),
+])
+def test_bad_configuration_raises_a_clear_error(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        MAGT(data_shape=(2,), **kwargs)
+
+
+def test_tau_is_converted_to_the_additive_level():
+    assert MAGT(data_shape=(2,), tau=0.4).sigma == pytest.approx(1.5)
+    assert MAGT(data_shape=(2,)).sigma == pytest.approx(0.2)
