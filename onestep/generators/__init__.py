@@ -2,6 +2,8 @@
 
 from onestep.generators.base import OneStepGenerator
 from onestep.generators.flow_matching import FlowMatching
+from onestep.generators.lmppm import LMPPM
+from onestep.generators.magt import MAGT
 from onestep.generators.otnfm import OTNFM
 
-__all__ = ["OneStepGenerator", "FlowMatching", "OTNFM"]
+__all__ = ["OneStepGenerator", "FlowMatching", "LMPPM", "MAGT", "OTNFM"]
