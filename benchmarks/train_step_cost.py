@@ -1,0 +1,195 @@
+"""Cost breakdown of one training step per method (coupling, anchors, teacher steps, backward, optimiser).
+
+Each method is built and trained through the same LightningCLI as ``onestep fit`` (its config, batch 256 by
+default) for ``--steps`` optimiser steps, with manual wall-clock timers installed on
+
+* the Lightning hooks of the model: ``training_step`` (forward + loss), ``backward``, ``optimizer_step``
+  (which *contains* the closure, i.e. training_step and backward, in automatic optimisation) and
+  ``on_train_batch_end`` (the EMA update);
+* every method the plugin's own classes define (``loss``, ``pair``, ``phi``, anchor/teacher helpers, ...),
+  and those of any generator nested inside it (a teacher), found by introspection;
+* every module-level function of the plugin's module and of the ``onestep`` modules it imports functions
+  from (e.g. ``minibatch_ot`` -> ``ot_permutation`` -> ``pairwise_sq_dist``).
+
+Times are *inclusive* (a piece includes the pieces it calls), averaged over the measured steps and shown
+as milliseconds and as a share of the whole step (batch start to batch end). Steps are grouped by the set
+of pieces they call, so a multi-stage method (autoencoder then distance net; teacher then student) gets one
+breakdown per stage, numbered in the order they occur (a one-step group is a stage switch); the first
+``--warmup`` steps of each stage are not measured.
+
+    python benchmarks/train_step_cost.py [--dataset 8gaussians] [--steps 80] [--batch_size 256] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+from common import base_parser, discover_methods, print_table, save_result, setup
+from lightning.pytorch import Callback
+
+from onestep.generators.base import OneStepGenerator
+
+HOOKS = ("training_step", "backward", "optimizer_step", "on_train_batch_end", "configure_gradient_clipping")
+SKIP = {"generate", "sample", "sample_chunked", "setup", "on_load_checkpoint", "on_save_checkpoint",
+        "configure_optimizers", "extra_eval_metrics", "__init__"}
+
+
+class StepTimers(Callback):
+    """Wall time per step and, per step, the inclusive time and calls of every wrapped piece."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, list[float]] | None = None
+        self.steps: list[tuple[float, dict[str, list[float]]]] = []
+        self._start = 0.0
+
+    def wrap(self, name: str, fn):
+        timers = self
+
+        def timed(*args, **kwargs):
+            if timers.current is None:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                entry = timers.current.setdefault(name, [0.0, 0])
+                entry[0] += time.perf_counter() - start
+                entry[1] += 1
+        return timed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.current, self._start = {}, time.perf_counter()
+
+    def finish(self) -> None:
+        """End of a step: called after the model's own ``on_train_batch_end`` (the EMA update), which
+        Lightning runs after every callback's hook."""
+        if self.current is not None:
+            self.steps.append((time.perf_counter() - self._start, self.current))
+            self.current = None
+
+    def wrap_last_hook(self, fn):
+        timed = self.wrap("on_train_batch_end", fn)
+
+        def last(*args, **kwargs):
+            try:
+                return timed(*args, **kwargs)
+            finally:
+                self.finish()
+        return last
+
+
+def plugin_methods(obj) -> list[str]:
+    names = []
+    for cls in type(obj).__mro__:
+        if cls is OneStepGenerator or not issubclass(cls, OneStepGenerator):
+            break
+        for name, value in vars(cls).items():
+            if inspect.isfunction(value) and not name.startswith("__") and name not in SKIP and name not in names:
+                names.append(name)
+    return names
+
+
+def install(model, timers: StepTimers) -> list[tuple[object, str, object]]:
+    """Wrap the pieces; returns the module attributes replaced, for :func:`restore`."""
+    for hook in HOOKS:
+        wrap = timers.wrap_last_hook if hook == "on_train_batch_end" else lambda fn, h=hook: timers.wrap(h, fn)
+        setattr(model, hook, wrap(getattr(model, hook)))
+    for name in plugin_methods(model):
+        if name not in HOOKS:
+            setattr(model, name, timers.wrap(name, getattr(model, name)))
+    for child_name, child in model.named_modules():
+        if child is not model and isinstance(child, OneStepGenerator):  # a nested teacher / stage model
+            for name in plugin_methods(child):
+                setattr(child, name, timers.wrap(f"{child_name}.{name}", getattr(child, name)))
+    modules = {type(model).__module__}
+    for value in vars(sys.modules[type(model).__module__]).values():
+        if inspect.isfunction(value) and value.__module__.startswith("onestep"):
+            modules.add(value.__module__)
+    replaced = []
+    for module_name in sorted(modules):
+        module = sys.modules[module_name]
+        for name, value in list(vars(module).items()):
+            if inspect.isfunction(value) and not name.startswith("_") and value.__module__.startswith("onestep"):
+                replaced.append((module, name, value))
+                setattr(module, name, timers.wrap(name, value))
+    return replaced
+
+
+def restore(replaced: list[tuple[object, str, object]]) -> None:
+    for module, name, value in replaced:
+        setattr(module, name, value)
+
+
+def run_method(name: str, config, steps: int, batch_size: int, warmup: int, extra: list[str]) -> list[dict]:
+    from onestep.cli import run_lightning
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["--config", str(config), f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}",
+                "--eval.every_n_steps=null", "--eval.at_end=false", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", f"--out_dir={tmp}", "--trainer.accelerator=cpu"]
+        args += [f"--{item}" for item in extra]
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            cli = run_lightning(args=args, run=False)
+        finally:
+            sys.argv = argv
+        timers = StepTimers()
+        replaced = install(cli.model, timers)
+        cli.trainer.callbacks.append(timers)
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        finally:
+            restore(replaced)
+    stages: dict[frozenset, list] = defaultdict(list)
+    for seconds, pieces in timers.steps:
+        stages[frozenset(pieces)].append((seconds, pieces))
+    rows = []
+    for index, measured in enumerate(stages.values()):  # dicts keep insertion order: stages in time order
+        measured = measured[warmup:] if len(measured) > 2 * warmup else measured
+        step_ms = 1e3 * sum(s for s, _ in measured) / len(measured)
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for _, pieces in measured:
+            for piece, (sec, calls) in pieces.items():
+                totals[piece][0] += sec
+                totals[piece][1] += calls
+        breakdown = {piece: {"ms": 1e3 * sec / len(measured), "share": 1e3 * sec / len(measured) / step_ms,
+                             "calls_per_step": calls / len(measured)}
+                     for piece, (sec, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
+        rows.append({"method": name, "stage": index, "steps_measured": len(measured), "step_ms": step_ms,
+                     "pieces": breakdown})
+    return rows
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--dataset", default="8gaussians")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra fit options, e.g. model.init_args.teacher_steps=40 (to reach a later stage)")
+    args = parser.parse_args()
+    setup(args)
+    rows = []
+    for name, config in discover_methods(args.dataset, args.methods):
+        try:
+            rows += run_method(name, config, args.steps, args.batch_size, args.warmup, args.set)
+        except Exception as err:  # noqa: BLE001 - report and go on
+            rows.append({"method": name, "error": f"{type(err).__name__}: {err}"[:300]})
+    for row in rows:
+        if "error" in row:
+            print(f"{row['method']}: ERROR {row['error']}")
+            continue
+        print(f"\n{row['method']} stage {row['stage']}: {row['step_ms']:.2f} ms/step "
+              f"({row['steps_measured']} steps measured)")
+        print_table([{"piece": k, **v} for k, v in row["pieces"].items()], ["piece", "ms", "share", "calls_per_step"])
+    save_result("train_step_cost", {"dataset": args.dataset, "batch_size": args.batch_size, "set": args.set, "rows": rows,
+                                    "target": "OT coupling <= 25% of an OT-NFM step at batch 256"}, args.out)
+
+
+if __name__ == "__main__":
+    main()

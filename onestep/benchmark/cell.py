@@ -1,0 +1,301 @@
+"""One benchmark cell (method x dataset x seed): built and trained exactly like ``onestep fit``.
+
+The cell's command line is assembled from the suite (config, overrides, budget, seed, protocol) and handed
+to the same LightningCLI as ``onestep fit`` (``run_lightning(args, run=False)``), then trained with
+``trainer.fit``; the record stores the equivalent ``onestep fit ...`` command so any cell can be replayed.
+
+Time accounting (:class:`CellClock`): *training seconds* run from ``on_train_start`` to the last finished
+batch, minus the time spent inside ``EvaluationCallback.evaluate`` (periodic evaluations are not training);
+they are saved in checkpoints, so a resumed cell keeps counting and its wall-clock budget is enforced on
+the total. A ``minutes`` budget sets ``trainer.should_stop`` once the training seconds reach it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+
+from onestep.benchmark.records import jsonable, machine_info, package_versions
+from onestep.benchmark.suite import Cell, Suite, to_cli_value
+
+IMAGE_FINAL_SAMPLES = 100  # images kept per cell for the report's grid (vectors keep eval.final_samples)
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+
+
+class CellClock(Callback):
+    """Training time without evaluation, resumable, with an optional wall-clock budget."""
+
+    def __init__(self, budget_seconds: float | None = None) -> None:
+        self.budget_seconds = budget_seconds
+        self.previous_seconds = 0.0  # restored from a checkpoint of an interrupted run
+        self.eval_intervals: list[tuple[float, float]] = []
+        self.start: float | None = None
+        self.last_batch_end: float | None = None
+        self.stopped_by_time = False
+
+    def training_seconds(self, now: float | None = None) -> float:
+        if self.start is None:
+            return self.previous_seconds
+        end = now if now is not None else (self.last_batch_end or self.start)
+        evaluating = sum(max(0.0, min(b, end) - max(a, self.start)) for a, b in self.eval_intervals)
+        return self.previous_seconds + max(0.0, end - self.start - evaluating)
+
+    def eval_seconds(self) -> float:
+        return sum(b - a for a, b in self.eval_intervals)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.last_batch_end = time.perf_counter()
+        if self.budget_seconds is not None and self.training_seconds() >= self.budget_seconds:
+            self.stopped_by_time = True
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"training_seconds": self.training_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.previous_seconds = float(state_dict.get("training_seconds", 0.0))
+
+
+def cell_args(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | None = None) -> list[str]:
+    """The ``onestep fit`` arguments of ``cell`` (raises ``FileNotFoundError`` for a missing config)."""
+    method = cell.method
+    args: list[str] = []
+    config = method.config_for(cell.dataset, suite.search_dirs())
+    if config is not None:
+        args += ["--config", str(config)]
+    else:
+        args += [f"--model={json.dumps({'class_path': method.class_path, 'init_args': method.init_args})}"]
+    args.append(f"--data.dataset={cell.dataset}")
+    args += [f"--data.{k}={to_cli_value(v)}" for k, v in sorted(suite.data.items())]
+    args += [f"--{k}={to_cli_value(v)}" for k, v in suite.overrides.items()]
+    args += [f"--{k}={to_cli_value(v)}" for k, v in method.overrides.items()]
+    if suite.budget.max_steps is not None:
+        args.append(f"--trainer.max_steps={suite.budget.max_steps}")
+    args += suite.protocol.cli_args()
+    args += [f"--seed_everything={cell.seed}", f"--out_dir={out_dir / 'runs'}", f"--run_name={cell.run_name}",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    if wandb:
+        args += ["--wandb=true", f"--wandb_group={suite.name}", f"--wandb_project={wandb.get('project', 'onestep')}"]
+    return args
+
+
+def find_resume_checkpoint(run_root: Path, fingerprint: str) -> Path | None:
+    """The newest ``version_*/checkpoints/last.ckpt`` of a cell among the versions written under the same
+    specification (each version directory holds a ``cell.json`` with the cell's fingerprint)."""
+    found = []
+    for ckpt in run_root.glob("version_*/checkpoints/last.ckpt"):
+        try:
+            if json.loads((ckpt.parents[1] / "cell.json").read_text()).get("fingerprint") == fingerprint:
+                found.append(ckpt)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def error_summary(message: str) -> str:
+    """The informative part of an error: jsonargparse wraps a constructor's ``ValueError`` in a long
+    "Does not validate against any of the Union subtypes" report; keep the constructor's own messages."""
+    if "Errors:" not in message:
+        return message.strip()
+    reasons = [line.strip()[2:] for line in message.split("Errors:", 1)[1].splitlines()
+               if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+    return "; ".join(reasons) or message.strip()
+
+
+def _find_eval_callback(trainer):
+    from onestep.callbacks import EvaluationCallback
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, EvaluationCallback)), None)
+
+
+def _timed(fn, intervals: list[tuple[float, float]]):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            intervals.append((start, time.perf_counter()))
+    return wrapper
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _final_samples(model, datamodule, suite: Suite, run_dir: Path) -> dict[str, Any]:
+    """Draw and save the cell's final samples (raw units) for the report; returns their timing."""
+    n = suite.protocol.final_samples
+    if getattr(datamodule, "is_image", False):
+        n = min(n, IMAGE_FINAL_SAMPLES)
+    seed = int(suite.protocol.options.get("seed", 0)) + 17
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    start = time.perf_counter()
+    samples = datamodule.denormalize(model.sample_chunked(n, generator=generator)).detach().float().cpu()
+    seconds = time.perf_counter() - start
+    _atomic_torch_save(samples, run_dir / "final_samples.pt")
+    return {"n": n, "seconds": seconds, "path": "final_samples.pt"}
+
+
+@torch.no_grad()
+def _nfe_sweep(model, datamodule, eval_cb, suite: Suite) -> list[dict[str, Any]]:
+    """Re-evaluate W2 (and FD for images) at each NFE of ``eval.nfe_sweep`` for models with ``steps``."""
+    from onestep.metrics import frechet_distance, get_feature_extractor, wasserstein2
+
+    sweep = suite.protocol.nfe_sweep
+    if not sweep or not isinstance(getattr(model, "steps", None), int) or isinstance(model.steps, bool):
+        return []
+    opts = suite.protocol.options
+    n, seed = int(opts["n_samples"]), int(opts.get("seed", 0))
+    reference = datamodule.reference(opts.get("reference_split", "test"), n)
+    spaces = list(getattr(eval_cb, "_spaces", None) or [])
+    extractors = {name: get_feature_extractor(name) for name in spaces}
+    real_features = {name: extractor(reference) for name, extractor in extractors.items()}
+    original, out = model.steps, []
+    try:
+        for steps in sweep:
+            model.steps = steps
+            generator = torch.Generator(device=model.device).manual_seed(seed)
+            start = time.perf_counter()
+            fake = datamodule.denormalize(model.sample_chunked(n, generator=generator)).detach().cpu()
+            seconds = time.perf_counter() - start
+            row = {"steps": steps, "nfe": int(model.nfe), "samples_per_s": n / max(seconds, 1e-12),
+                   "w2": float(wasserstein2(fake, reference, opts.get("w2_max_samples"), seed))}
+            for name, real in real_features.items():
+                row[f"fd_{name}"] = float(frechet_distance(extractors[name](fake), real))
+            out.append(row)
+    finally:
+        model.steps = original
+    return out
+
+
+def _tag_wandb(trainer, cell: Cell) -> None:
+    """Add the suite's method name (and base name of a grid variant) to the W&B run's tags."""
+    for logger in trainer.loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict):
+            tags = list(init.get("tags") or [])
+            for tag in (cell.method.name, cell.method.base_name, cell.dataset):
+                if tag and tag not in tags:
+                    tags.append(tag)
+            init["tags"] = tags
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence Lightning's info chatter (GPU available, seed set, tips) during a cell."""
+    saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    if enabled:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | None = None,
+             quiet: bool = True) -> dict[str, Any]:
+    """Train and evaluate one cell; always returns a record (``status`` ``ok`` or ``failed``).
+
+    A configuration error (including jsonargparse's ``SystemExit``) or any exception while training is
+    recorded as a failure. ``KeyboardInterrupt`` (and Lightning's ``SystemExit`` after Ctrl-C during fit)
+    propagates so that an interrupted suite stops instead of recording a bogus failure."""
+    from onestep.cli import run_lightning
+
+    started = time.perf_counter()
+    fingerprint = suite.fingerprint(cell)
+    run_root = out_dir / "runs" / cell.run_name
+    record: dict[str, Any] = {
+        "suite": suite.name, "method": cell.method.name, "base_method": cell.method.base_name or cell.method.name,
+        "variant": cell.method.variant, "dataset": cell.dataset, "seed": cell.seed, "fingerprint": fingerprint,
+        "run_name": cell.run_name, "protocol": suite.protocol.as_dict(),
+        "budget": {"requested": {"max_steps": suite.budget.max_steps, "minutes": suite.budget.minutes}},
+        "versions": package_versions(), "machine": machine_info(), "status": "failed"}
+    caught: list[warnings.WarningMessage] = []
+    phase = "configuration"
+    try:
+        with _quiet(quiet), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            args = cell_args(suite, cell, out_dir, wandb)
+            resume = find_resume_checkpoint(run_root, fingerprint)
+            record["command"] = "onestep fit " + shlex.join(args) + (f" --ckpt_path {resume}" if resume else "")
+            record["resumed_from"] = str(resume) if resume else None
+            buffer, argv = io.StringIO(), sys.argv
+            try:  # jsonargparse reports a bad option by printing usage and raising SystemExit
+                sys.argv = argv[:1]  # the cell's args are the whole command line, as with `onestep fit`
+                with contextlib.redirect_stderr(buffer), contextlib.redirect_stdout(buffer):
+                    cli = run_lightning(args=args, run=False)
+            except SystemExit as exit_:
+                raise ValueError(f"the cell's configuration was rejected (exit {exit_.code}): "
+                                 f"{buffer.getvalue().strip()[-2000:]}") from None
+            finally:
+                sys.argv = argv
+            trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+            record["config"] = jsonable(cli.config.as_dict())
+            record["data_config"] = jsonable(cli.config.as_dict().get("data", {}))
+            log_dir = Path(trainer.log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / "cell.json").write_text(json.dumps({"fingerprint": fingerprint, "cell": cell.run_name}))
+            _tag_wandb(trainer, cell)
+            clock = CellClock(suite.budget.seconds)
+            trainer.callbacks.append(clock)
+            eval_cb = _find_eval_callback(trainer)
+            if eval_cb is None:
+                raise RuntimeError("no EvaluationCallback in the trainer: the suite's protocol cannot be applied")
+            eval_cb.evaluate = _timed(eval_cb.evaluate, clock.eval_intervals)
+            phase = "training"
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+            phase = "evaluation"
+            if not eval_cb.history or eval_cb.history[-1]["step"] != trainer.global_step:
+                # fit skipped the loop (resumed at its last step): run the final evaluation here
+                eval_cb.evaluate(trainer, model, final=True)
+            run_dir = Path(trainer.log_dir)
+            metrics = {k.removeprefix("eval/"): v for k, v in eval_cb.final_metrics.items()}
+            sampling = _final_samples(model, datamodule, suite, run_dir)
+            sweep = _nfe_sweep(model, datamodule, eval_cb, suite)
+            max_steps = trainer.max_steps
+            stopped_by = ("minutes" if clock.stopped_by_time else
+                          "max_steps" if max_steps and max_steps > 0 and trainer.global_step >= max_steps else "other")
+            sps = metrics.get("samples_per_s")
+            record.update({
+                "status": "ok", "metrics": metrics, "nfe": getattr(model, "nfe", None), "nfe_sweep": sweep,
+                "protocol": {**suite.protocol.as_dict(), **(getattr(eval_cb, "final_protocol", None) or {})},
+                "run_dir": os.path.relpath(run_dir, out_dir),
+                "final_samples": {**sampling, "path": os.path.relpath(run_dir / sampling["path"], out_dir)},
+                "timing": {"training_seconds": clock.training_seconds(), "eval_seconds": clock.eval_seconds(),
+                           "sampling_samples_per_s": sps,
+                           "sampling_seconds": (suite.protocol.options["n_samples"] / sps) if sps else None},
+                "budget": {**record["budget"], "used": {
+                    "steps": int(trainer.global_step), "seconds": clock.training_seconds(), "stopped_by": stopped_by,
+                    "max_steps_effective": max_steps}},
+            })
+    except Exception as err:  # noqa: BLE001 - a failing cell is recorded, the suite goes on
+        record["error"] = f"{phase}: {type(err).__name__}: {error_summary(str(err))}"[:1000]
+        record["error_detail"] = str(err)[:4000]
+        record["traceback"] = "".join(traceback.format_exc().splitlines(keepends=True)[-25:])
+    # library deprecation notices say nothing about the result; keep what does (e.g. few-sample FD)
+    record["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught
+                                 if not issubclass(w.category, (DeprecationWarning, FutureWarning))
+                                 and "Deprecation" not in w.category.__name__})[:20]
+    record["timing"] = {**record.get("timing", {}), "cell_seconds": time.perf_counter() - started}
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return record

@@ -1,0 +1,229 @@
+"""``onestep benchmark --suite <yaml> --out <dir>``: every cell of a suite, resumable, then the report.
+
+Output directory::
+
+    <out>/results.jsonl        one line per finished (or failed) cell, appended atomically
+    <out>/suite.yaml           the resolved suite;  <out>/run_info.json  every invocation (argv, date, machine)
+    <out>/runs/<method>-<dataset>-s<seed>/version_<k>/   the cell's Lightning run (eval.jsonl, checkpoints,
+                               config.yaml, final_samples.pt)
+    <out>/report.md, report.html, figures/, floors.json    written by ``onestep report``
+
+Rerunning the same command skips every cell whose last record is ``ok`` under the same specification
+(fingerprint of method, dataset, seed, budget, protocol and overrides), retries failed cells, and resumes a
+cell that was interrupted during training from its ``last.ckpt``. A failing cell is recorded with its error
+and traceback tail and the suite goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onestep.benchmark.cell import cell_args, run_cell
+from onestep.benchmark.records import (RESULTS_FILE, append_record, describe_machine_short, latest_by_cell,
+                                       machine_info, package_versions, read_records)
+from onestep.benchmark.suite import Cell, Suite, load_suite
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def require_wandb() -> None:
+    """Fail before any training when W&B logging is requested but cannot work."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise ImportError("--wandb was given but wandb is not installed: pip install wandb  "
+                          "(or pip install 'onestep[wandb]'); runs stay offline unless a W&B key is configured") from err
+
+
+def finished_cells(out_dir: Path, suite: Suite) -> set[tuple[str, str, int]]:
+    """Cells whose latest record is ``ok`` and was produced under the current specification."""
+    latest = latest_by_cell(read_records(out_dir / RESULTS_FILE))
+    done = set()
+    for cell in suite.cells():
+        record = latest.get(cell.key)
+        if record and record.get("status") == "ok" and record.get("fingerprint") == suite.fingerprint(cell):
+            done.add(cell.key)
+    return done
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def record_invocation(out_dir: Path, suite: Suite, argv: list[str]) -> None:
+    """Keep the resolved suite and every invocation (argv, date, machine, versions) next to the results."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "suite.yaml").write_text(yaml.safe_dump(suite.as_dict(), sort_keys=False))
+    info_path = out_dir / "run_info.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        info = {"invocations": []}
+    info["suite"] = suite.name
+    info["invocations"].append({"argv": ["onestep", "benchmark", *argv], "cwd": os.getcwd(),
+                                "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                                "machine": machine_info(), "versions": package_versions()})
+    _write_json_atomic(info_path, info)
+
+
+def select_cells(suite: Suite, methods: list[str] | None, datasets: list[str] | None,
+                 seeds: list[int] | None) -> list[Cell]:
+    cells = suite.cells()
+    for label, chosen, pick in (("method", methods, lambda c: c.method.name), ("dataset", datasets, lambda c: c.dataset),
+                                ("seed", seeds, lambda c: c.seed)):
+        if chosen:
+            known = {pick(c) for c in cells}
+            unknown = [x for x in chosen if x not in known]
+            if unknown:
+                raise ValueError(f"--{label}s {unknown} not in the suite; it has {sorted(known, key=str)}")
+            cells = [c for c in cells if pick(c) in chosen]
+    return cells
+
+
+def estimate_left(remaining: list[Cell], durations: dict[str, list[float]]) -> float:
+    """Seconds left: each remaining cell costs the mean of its method's finished cells (methods differ by
+    orders of magnitude), or the mean over all finished cells for a method not seen yet."""
+    everything = [d for ds in durations.values() for d in ds]
+    overall = sum(everything) / len(everything) if everything else 0.0
+    return sum(sum(durations[c.method.name]) / len(durations[c.method.name]) if durations.get(c.method.name)
+               else overall for c in remaining)
+
+
+def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | None = None,
+              cells: list[Cell] | None = None, quiet: bool = True, log=print) -> list[dict[str, Any]]:
+    """Run every unfinished cell (in suite order), appending each record as soon as it exists."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = suite.cells() if cells is None else cells
+    done = finished_cells(out_dir, suite)
+    todo = [c for c in cells if c.key not in done]
+    log(f"onestep benchmark: suite {suite.name!r}: {len(cells)} cells ({len(cells) - len(todo)} already finished, "
+        f"{len(todo)} to run) -> {out_dir}  [{describe_machine_short(machine_info())}]")
+    start, durations, records = time.perf_counter(), {}, []
+    stop, previous = _install_stop_handler()
+    try:
+        _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    failed = sum(r["status"] != "ok" for r in records)
+    log(f"onestep benchmark: {len(records) - failed} ok, {failed} failed in {_duration(time.perf_counter() - start)}"
+        + (f"; stopped by {signal.Signals(stop['signal']).name} with {len(todo) - len(records)} cells left "
+           "(rerun the same command to continue)" if stop["signal"] else ""))
+    return records
+
+
+def _install_stop_handler() -> tuple[dict[str, int | None], Any]:
+    """SIGTERM between or during cells: finish the current cell's record, then stop the suite.
+
+    Lightning and the preemption callback install their own SIGTERM handlers while training (a signal
+    there checkpoints and ends the cell); Lightning's handler also calls a previously installed Python
+    handler, so this flag sees the signal in every phase and no SIGTERM is silently swallowed."""
+    stop: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        return stop, None
+
+    def handler(signum, frame) -> None:
+        stop["signal"] = signum
+
+    return stop, signal.signal(signal.SIGTERM, handler)
+
+
+def _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop) -> None:
+    for i, cell in enumerate(todo, 1):
+        cell_start = time.perf_counter()
+        record = run_cell(suite, cell, out_dir, wandb=wandb, quiet=quiet)
+        append_record(out_dir / RESULTS_FILE, record)
+        records.append(record)
+        durations.setdefault(cell.method.name, []).append(time.perf_counter() - cell_start)
+        elapsed = time.perf_counter() - start
+        left = estimate_left(todo[i:], durations)
+        if record["status"] == "ok":
+            m = record["metrics"]
+            quality = next((f"{k}={m[k]:.4g}" for k in ("w2", "fd_lenet-mnist", "fd_lenet-fashion", "fd_pixels")
+                            if m.get(k) is not None), "")
+            used = record["budget"]["used"]
+            what = f"ok {quality} nfe={record.get('nfe')} steps={used['steps']} train={used['seconds']:.1f}s"
+        else:
+            what = f"FAILED {record.get('error', '').splitlines()[0][:160]}"
+        log(f"[{i}/{len(todo)}] {cell.run_name}: {what} | cell {_duration(durations[cell.method.name][-1])}, "
+            f"elapsed {_duration(elapsed)}, left ~{_duration(left)}", flush=True)
+        if stop["signal"] is not None:
+            return
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onestep benchmark", description="Train and evaluate every method x dataset x seed of a suite "
+        "under one budget and protocol; resumable; writes results.jsonl and the report.")
+    parser.add_argument("--suite", required=True, help="suite YAML (see configs/suites/ and onestep.benchmark.suite)")
+    parser.add_argument("--out", default=None, help="output directory (default: results/<suite name>)")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods")
+    parser.add_argument("--datasets", nargs="+", default=None, help="run only these datasets")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their fit commands, run nothing")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    parser.add_argument("--wandb", action="store_true", help="log every cell to W&B (grouped by suite) and the "
+                        "report to a summary run; offline unless a key is configured")
+    parser.add_argument("--wandb_project", default="onestep")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the suite's "
+                        "threads, else torch's choice; 1 avoids oversubscription on a shared machine); recorded")
+    parser.add_argument("--verbose", action="store_true", help="keep Lightning's info messages")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        suite = load_suite(args.suite)
+        cells = select_cells(suite, args.methods, args.datasets, args.seeds)
+        if args.wandb:
+            require_wandb()
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"onestep benchmark: error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out or Path("results") / suite.name)
+    wandb = {"project": args.wandb_project} if args.wandb else None
+    if args.dry_run:
+        done = finished_cells(out_dir, suite)
+        for cell in cells:
+            try:
+                command = "onestep fit " + " ".join(cell_args(suite, cell, out_dir, wandb))
+            except FileNotFoundError as err:
+                command = f"(will fail: {err})"
+            print(f"{'done' if cell.key in done else 'todo'}  {cell.run_name}: {command}")
+        return 0
+    threads = args.threads if args.threads is not None else suite.threads
+    if threads is not None:
+        if threads < 1:
+            print(f"onestep benchmark: error: --threads must be >= 1, got {threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(threads)
+    record_invocation(out_dir, suite, argv)
+    run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose)
+    if not args.no_report:
+        from onestep.benchmark.report import write_report
+
+        paths = write_report(out_dir, wandb=wandb)
+        print(f"onestep benchmark: report {paths['md']} and {paths['html']}")
+    return 0

@@ -1,0 +1,401 @@
+r"""Characteristic generator (Ding, Duan, Jiao, Li, Yang, Zhang 2024, arXiv:2405.05512).
+
+A two-time map :math:`g(s, t, x)` sends a point at time ``s`` of a teacher ODE trajectory (probability
+flow of an interpolant, ``t = 0`` noise, ``t = 1`` data; see
+:mod:`onestep.generators.characteristic_teacher`) to its point at time ``t``. It is parameterised like an
+exponential-integrator step with a learned data prediction:
+
+.. math::  g(s, t, x) = r\,x + (\beta_t - r\beta_s)\,D_\theta(x, s, t), \qquad r = \alpha_t/\alpha_s,
+           \qquad D_\theta = c_s\,x + \alpha_s F_\theta(x, s, t),
+
+so :math:`g(t, t, x) = x` exactly, and with the teacher's network in place of :math:`F_\theta` one map
+step is one teacher step (an Euler step for the linear path). Sampling: :math:`x = g(t_{min}, 1, z)`
+(NFE 1), or the map chained over ``sample_steps`` grid times (NFE = ``sample_steps``).
+
+Two stages. **Teacher**: a :class:`~onestep.generators.FlowMatching` velocity, trained in stage 1 of the
+same run for ``teacher_steps`` steps (linear or Föllmer path; loss in network-output units, which for
+the Föllmer path is the authors' 1/alpha^2-weighted denoiser loss) and then frozen at its EMA weights,
+or loaded from a FlowMatching checkpoint (``teacher_ckpt``, EMA weights, linear path), or passed as an
+object with ``velocity(x, t)`` through :meth:`set_teacher`. **Student** (stage 2), by ``mode``:
+
+* ``vector`` (the paper): Gaussian starts :math:`Z_0 \sim N(0, I)` are carried along the grid
+  :math:`0 = t_0 < \dots < t_{K-1} = t_{max}` (plus ``t = 1`` when ``t_max < 1``, reached by the
+  teacher's exact data prediction) by Euler or exponential-integrator teacher steps (online, no grad);
+  the characteristic-fitting loss (eq. 2.11 with the diagonal hard-wired) is the mean over ordered
+  pairs :math:`k < l` of :math:`\|Z_l - g(t_k, t_l, Z_k)\|^2`, estimated with ``pairs_per_trajectory``
+  uniform pairs per trajectory, plus ``semigroup_weight`` times the semigroup penalty
+  :math:`\|g(t_j, t_l, g(t_k, t_j, Z_k)) - g(t_k, t_l, Z_k)\|^2` over uniform triples ``k < j < l``
+  (gradients through both sides);
+* ``image`` (the authors' code): see :mod:`onestep.generators.characteristic_image`.
+
+Resuming: the stage is saved in the checkpoint; stage 2 starts at the first batch with
+``global_step >= teacher_steps`` (teacher := its EMA, frozen; student := teacher copy; EMA restarted).
+Under DDP a two-stage run needs ``strategy=ddp_find_unused_parameters_true`` (each stage leaves the
+other network without gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from onestep.generators.base import OneStepGenerator, _check
+from onestep.generators.characteristic_image import image_loss, make_distance
+from onestep.generators.characteristic_teacher import (
+    INTERPOLANTS, SOLVERS, ScaledVelocityNet, TwoTimeNet, freeze, load_teacher_checkpoint, make_interpolant,
+    make_teacher, stage_schedule, teacher_output_net, time_column,
+)
+
+MODES = ("auto", "vector", "image")
+DISTANCES = ("l2", "lpips")
+
+
+class CharacteristicGenerator(OneStepGenerator):
+    """One-step (or few-step) characteristic map distilled from a flow-matching teacher.
+
+    Args (besides the base optimiser/EMA options, which apply to the student):
+        mode: ``vector`` (paper), ``image`` (authors' code) or ``auto`` (image for (C, H, W) data).
+        interpolant: ``linear`` or ``follmer`` for a stage-1 teacher; ``None``: linear, or the teacher's own.
+        teacher_steps: stage-1 steps (0: the teacher comes from ``teacher_ckpt`` or :meth:`set_teacher`).
+        teacher_ckpt: path of a FlowMatching Lightning checkpoint (its EMA weights are the teacher).
+        teacher_backbone, teacher_lr, teacher_warmup_steps, teacher_ema_decay: stage-1 settings
+            (default: the student's backbone, ``lr``, 0 and ``ema_decay``).
+        init_student_from_teacher: start the student as the teacher (target-time weights zeroed).
+        grid_size: grid points on ``[t_min, t_max]`` (K of the paper's characteristics; N = 20 in the code).
+        t_min, t_max: grid range; the last map always goes on to ``t = 1``.
+        solver: teacher step, ``euler`` (the paper) or ``exp`` (exponential integrator, the code).
+        pairs_per_trajectory, semigroup_weight: vector mode (pairs per teacher trajectory, penalty weight).
+        dsm_weight, adaptive_weight: image mode weight of the denoising term (times the adaptive weight).
+        distance, lpips_weights: image mode trajectory distance, ``l2`` or ``lpips`` (needs ``lpips_weights``,
+            a local LPIPS-VGG state dict; nothing is downloaded).
+        sample_steps: maps per sample (the NFE).
+        t_features: sinusoidal features of the target time fed to the student.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (2,),
+        backbone: Mapping[str, Any] | None = None,
+        mode: str = "auto",
+        interpolant: str | None = None,
+        teacher_steps: int = 0,
+        teacher_ckpt: str | None = None,
+        teacher_backbone: Mapping[str, Any] | None = None,
+        teacher_lr: float | None = None,
+        teacher_warmup_steps: int = 0,
+        teacher_ema_decay: float | None = None,
+        init_student_from_teacher: bool = True,
+        grid_size: int = 50,
+        t_min: float = 0.0,
+        t_max: float = 0.999,
+        solver: str = "euler",
+        pairs_per_trajectory: int = 4,
+        semigroup_weight: float = 1.0,
+        dsm_weight: float = 1.0,
+        adaptive_weight: bool = True,
+        distance: str = "l2",
+        lpips_weights: str | None = None,
+        sample_steps: int = 1,
+        t_features: int = 16,
+        **base: Any,
+    ) -> None:
+        super().__init__(data_shape=data_shape, backbone=backbone, **base)
+        _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+        _check(interpolant is None or interpolant in INTERPOLANTS,
+               f"interpolant must be one of {INTERPOLANTS} (or null), got {interpolant!r}")
+        _check(teacher_steps >= 0, f"teacher_steps must be >= 0, got {teacher_steps}")
+        _check(not (teacher_ckpt and teacher_steps > 0), f"give either teacher_ckpt ({teacher_ckpt!r}) or "
+               f"teacher_steps > 0 (got {teacher_steps}), not both")
+        _check(teacher_lr is None or teacher_lr > 0, f"teacher_lr must be > 0, got {teacher_lr}")
+        _check(teacher_warmup_steps >= 0, f"teacher_warmup_steps must be >= 0, got {teacher_warmup_steps}")
+        _check(teacher_ema_decay is None or 0 <= teacher_ema_decay < 1,
+               f"teacher_ema_decay must lie in [0, 1), got {teacher_ema_decay}")
+        _check(grid_size >= 2, f"grid_size must be >= 2, got {grid_size}")
+        _check(0.0 <= t_min < t_max <= 1.0, f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        _check(solver in SOLVERS, f"solver must be one of {SOLVERS}, got {solver!r}")
+        _check(pairs_per_trajectory >= 1, f"pairs_per_trajectory must be >= 1, got {pairs_per_trajectory}")
+        _check(semigroup_weight >= 0, f"semigroup_weight must be >= 0, got {semigroup_weight}")
+        _check(dsm_weight >= 0, f"dsm_weight must be >= 0, got {dsm_weight}")
+        _check(distance in DISTANCES, f"distance must be one of {DISTANCES}, got {distance!r}")
+        _check(t_features >= 1, f"t_features must be >= 1, got {t_features}")
+        self.mode = ("image" if len(self.data_shape) == 3 else "vector") if mode == "auto" else mode
+        _check((distance == "lpips") == bool(lpips_weights), f"distance={distance!r} and lpips_weights="
+               f"{lpips_weights!r} disagree: LPIPS needs a weights file, L2 takes none")
+        _check(distance == "l2" or (self.mode == "image" and len(self.data_shape) == 3),
+               "distance='lpips' applies to image mode on (C, H, W) data only")
+        self.sample_steps = sample_steps
+        self.teacher_steps, self.teacher_ckpt = teacher_steps, teacher_ckpt
+        self.teacher_lr = teacher_lr if teacher_lr is not None else self.lr
+        self.teacher_warmup_steps = teacher_warmup_steps
+        self.teacher_ema_decay = teacher_ema_decay if teacher_ema_decay is not None else self.ema_decay
+        self.init_student_from_teacher = init_student_from_teacher
+        self.grid_size, self.t_min, self.t_max, self.solver = grid_size, t_min, t_max, solver
+        self.pairs_per_trajectory, self.semigroup_weight = pairs_per_trajectory, semigroup_weight
+        self.dsm_weight, self.adaptive_weight = dsm_weight, adaptive_weight
+        self._interpolant_option = interpolant
+
+        teacher = None
+        if teacher_ckpt:
+            teacher = load_teacher_checkpoint(teacher_ckpt, self.data_shape)
+        elif teacher_steps > 0:
+            teacher = make_teacher(self.data_shape, teacher_backbone if teacher_backbone is not None else backbone,
+                                   make_interpolant(interpolant or "linear"), steps=grid_size)
+        student_spec = backbone if backbone is not None or teacher is None else teacher.backbone_spec
+        self.student = TwoTimeNet(student_spec, self.data_shape, t_features)
+        self.teacher: Any = None
+        self._student_stage = teacher_steps == 0
+        self._use_interpolant(interpolant or "linear")
+        if teacher_ckpt:
+            self.set_teacher(teacher)
+        elif teacher is not None:
+            self.teacher = teacher
+            if init_student_from_teacher:
+                self.student.check_compatible(teacher_output_net(teacher))
+        self.distance_name, self.distance = make_distance(lpips_weights)
+        self._record("distance", self.distance_name)
+
+    # ------------------------------------------------------------------ options and teacher
+    @property
+    def sample_steps(self) -> int:
+        return self._sample_steps
+
+    @sample_steps.setter
+    def sample_steps(self, value: int) -> None:
+        _check(int(value) == value and value >= 1, f"sample_steps must be an integer >= 1, got {value}")
+        self._sample_steps = int(value)
+
+    @property
+    def nfe(self) -> int:  # type: ignore[override]
+        return self.sample_steps
+
+    def _use_interpolant(self, name: str) -> None:
+        _check(name in INTERPOLANTS, f"teacher interpolant must be one of {INTERPOLANTS}, got {name!r}")
+        _check(self._interpolant_option in (None, name), f"interpolant={self._interpolant_option!r} conflicts "
+               f"with the teacher, which was trained on the {name!r} path; set interpolant to {name!r} or null")
+        _check(name == "linear" or self.t_max < 1, f"the {name} velocity is singular at t = 1: set t_max < 1 "
+               f"(got {self.t_max})")
+        self.interpolant = make_interpolant(name)
+        self.teacher_interpolant = name
+        self._record("interpolant", name)
+
+    def _record(self, key: str, value: Any) -> None:
+        """Store a resolved choice in the hyperparameters, both those checkpointed and those sent to loggers."""
+        self.hparams[key] = value
+        if hasattr(self, "_hparams_initial"):
+            self._hparams_initial[key] = value
+
+    def set_teacher(self, teacher: Any) -> None:
+        """Use ``teacher`` (any object with ``velocity(x, t)``; optional ``interpolant`` name) as a frozen teacher."""
+        _check(self.teacher_steps == 0, f"set_teacher conflicts with teacher_steps={self.teacher_steps} "
+               "(this run trains its own teacher in stage 1)")
+        _check(callable(getattr(teacher, "velocity", None)), "the teacher needs a method velocity(x, t)")
+        net = getattr(teacher, "net", None)
+        name = net.interpolant.name if isinstance(net, ScaledVelocityNet) else getattr(teacher, "interpolant", "linear")
+        self._use_interpolant(name)
+        if isinstance(teacher, nn.Module):
+            freeze(teacher)
+            teacher.eval()
+        if self.init_student_from_teacher:
+            output_net = teacher_output_net(teacher)
+            _check(output_net is not None, "init_student_from_teacher=True needs a FlowMatching teacher "
+                   f"(got {type(teacher).__name__}); set init_student_from_teacher=False")
+            self.student.init_from(output_net)
+        self.teacher = teacher
+        self._student_stage = True
+
+    def setup(self, stage: str) -> None:
+        if self.teacher is None:
+            raise ValueError("CharacteristicGenerator has no teacher: set teacher_steps > 0 (train it in stage 1), "
+                             "teacher_ckpt (a FlowMatching checkpoint) or call set_teacher() before training")
+
+    @property
+    def _stage_start(self) -> int:
+        return self.teacher_steps if self.teacher_steps > 0 else 0
+
+    def _start_student_stage(self) -> None:
+        """Stage 1 -> 2: the teacher becomes its EMA and is frozen, the student starts, the EMA restarts."""
+        ema = self._ensure_ema()
+        with torch.no_grad():
+            for name, p in self.teacher.named_parameters():
+                p.copy_(ema[f"teacher.{name}"])
+        freeze(self.teacher)
+        self.teacher.eval()
+        if self.init_student_from_teacher:
+            self.student.init_from(teacher_output_net(self.teacher))
+        self._student_stage = True
+        self.reset_ema()
+
+    def train(self, mode: bool = True) -> CharacteristicGenerator:
+        super().train(mode)
+        if getattr(self, "_student_stage", False) and isinstance(getattr(self, "teacher", None), nn.Module):
+            self.teacher.eval()  # a frozen teacher never runs dropout
+        return self
+
+    # ------------------------------------------------------------------ maps and teacher steps
+    def map(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
+        """The characteristic map ``g(s, t, x)`` with the current weights."""
+        return self._map_with(self.student(x, s, t), x, s, t)
+
+    def map_ema(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
+        """``g(s, t, x)`` with the student's EMA weights (the target network); gradients reach ``x`` only."""
+        params = {k[len("student."):]: v for k, v in self._ensure_ema().items() if k.startswith("student.")}
+        return self._map_with(functional_call(self.student, params, (x, s, t)), x, s, t)
+
+    def _map_with(self, out: Tensor, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
+        return self.interpolant.exp_step(x, self.interpolant.denoise_output(x, out, s), s, t)
+
+    def teacher_step(self, x: Tensor, s: Tensor | float, t: Tensor | float, exact: bool = False) -> Tensor:
+        """One teacher step ``s -> t``: ``solver`` (Euler or exponential integrator); ``exact`` forces the
+        exponential integrator, which lands on the data prediction at ``t = 1``."""
+        v = self.teacher.velocity(x, torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(len(x)))
+        if self.solver == "euler" and not exact:
+            step = torch.as_tensor(t, dtype=x.dtype, device=x.device) - torch.as_tensor(s, dtype=x.dtype, device=x.device)
+            return x + time_column(step, x) * v
+        return self.interpolant.exp_step(x, self.interpolant.denoise_velocity(x, v, s), s, t)
+
+    @torch.no_grad()
+    def teacher_trajectory(self, z: Tensor, times: Sequence[float]) -> list[Tensor]:
+        """Discrete characteristics: the teacher's states at every time of ``times``, starting from ``z``."""
+        states = [z]
+        for s, t in zip(times[:-1], times[1:]):
+            states.append(self.teacher_step(states[-1], s, t, exact=t >= 1.0))
+        return states
+
+    def grid_times(self, include_end: bool = True) -> Tensor:
+        """The training grid ``linspace(t_min, t_max, grid_size)``, then ``1`` when ``include_end`` and ``t_max < 1``."""
+        grid = torch.linspace(self.t_min, self.t_max, self.grid_size, dtype=torch.float64)
+        if include_end and self.t_max < 1.0:
+            grid = torch.cat([grid, torch.ones(1, dtype=torch.float64)])
+        return grid.float()
+
+    def sample_times(self, nfe: int) -> list[float]:
+        """``nfe + 1`` times from ``t_min`` to ``1``; inner times are on the training grid when it has enough points."""
+        grid = self.grid_times(include_end=False).double()
+        # points taken from [t_min, t_max]: all of them when t_max == 1, else all but the final t = 1
+        count = nfe + 1 if self.t_max >= 1.0 else nfe
+        if count == 1:
+            inner = grid[:1]
+        elif count <= self.grid_size:
+            inner = grid[torch.linspace(0, self.grid_size - 1, count, dtype=torch.float64).round().long()]
+        else:
+            inner = torch.linspace(self.t_min, self.t_max, count, dtype=torch.float64)
+        times = [float(t) for t in inner.tolist()]
+        if self.t_max < 1.0:
+            times.append(1.0)
+        return times
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        if not self._student_stage:
+            loss, logs = self._teacher_loss(x)
+        elif self.mode == "image":
+            loss, logs = image_loss(self, x)
+        else:
+            loss, logs = self._vector_loss(x)
+        logs["stage"] = torch.tensor(2.0 if self._student_stage else 1.0, device=x.device)
+        return loss, logs
+
+    def _teacher_loss(self, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Velocity matching in network-output units: ``E |v(x_t, t) / kappa - target(z, x1, t)|^2``."""
+        path = self.interpolant
+        z = torch.randn_like(x1)
+        t = torch.rand(len(x1), device=x1.device) * path.train_t_max()
+        tc = time_column(t, x1)
+        out = self.teacher.velocity(path.interpolate(z, x1, t), t) / path.kappa(tc)
+        loss = (out - path.output_target(z, x1, tc)).square().mean()
+        return loss, {"teacher_loss": loss.detach()}
+
+    def _vector_loss(self, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        times = self.grid_times().to(x1)
+        n_times, batch = len(times), len(x1)
+        trajectory = torch.stack(self.teacher_trajectory(torch.randn_like(x1), times.tolist()))
+        rows = torch.arange(batch, device=x1.device).repeat(self.pairs_per_trajectory)
+
+        def ordered(count: int) -> list[Tensor]:
+            # a uniformly random `count`-subset of the grid, sorted: uniform over ordered pairs / triples
+            picks = torch.rand(len(rows), n_times, device=x1.device).argsort(dim=1)[:, :count].sort(dim=1).values
+            return list(picks.unbind(dim=1))
+
+        k, l = ordered(2)
+        fit = (self.map(trajectory[k, rows], times[k], times[l]) - trajectory[l, rows]).square().mean()
+        logs = {"fit": fit.detach()}
+        loss = fit
+        if self.semigroup_weight > 0 and n_times >= 3:
+            k, j, l = ordered(3)
+            start = trajectory[k, rows]
+            direct = self.map(start, times[k], times[l])
+            two_step = self.map(self.map(start, times[k], times[j]), times[j], times[l])
+            semigroup = (two_step - direct).square().mean()
+            loss = loss + self.semigroup_weight * semigroup
+            logs["semigroup"] = semigroup.detach()
+        return loss, logs
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        times = self.sample_times(self.sample_steps)
+        x = self.randn(n, generator=generator)
+        for s, t in zip(times[:-1], times[1:]):
+            x = self.map(x, s, t)
+        return x
+
+    @torch.no_grad()
+    def sample_teacher(self, n: int, nfe: int, generator: torch.Generator | None = None) -> Tensor:
+        """The teacher's baseline at the same NFE: its steps over the student's sampling times."""
+        _check(nfe >= 1, f"nfe must be >= 1, got {nfe}")
+        times = self.sample_times(nfe)
+        return self.teacher_trajectory(self.randn(n, generator=generator), times)[-1]
+
+    # ------------------------------------------------------------------ training plumbing
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._student_stage and self.global_step >= self.teacher_steps:
+            self._start_student_stage()
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # the EMA is updated here rather than in on_train_batch_end, which runs after the checkpoint
+        # callbacks: a checkpoint then holds the EMA of exactly the weights it stores, so the stage-2
+        # teacher (the stage-1 EMA) is the same whether or not the run was resumed at the boundary
+        step = self.global_step + 1  # the optimiser step just taken
+        if self._student_stage:
+            limit, local = self.ema_decay, step - self._stage_start
+        else:
+            limit, local = self.teacher_ema_decay, step
+        decay = min(limit, (1 + local) / (10 + local))  # the base's warm-up, counted from the stage start
+        ema = self._ensure_ema()
+        with torch.no_grad():
+            for name, p in self._trainable().items():
+                if name not in ema:
+                    ema[name] = p.detach().clone()
+                else:
+                    ema[name].lerp_(p.detach(), 1.0 - decay)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Nothing: the EMA is updated in :meth:`optimizer_step`."""
+
+    def configure_optimizers(self) -> Any:
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        groups = [{"params": list(self.student.parameters()), "lr": self.lr}]
+        stages = [(self._stage_start, total, self.warmup_steps)]
+        if self.teacher_steps > 0:
+            groups.append({"params": list(self.teacher.parameters()), "lr": self.teacher_lr})
+            stages.append((0, self.teacher_steps, self.teacher_warmup_steps))
+        optimizer = torch.optim.AdamW(groups, betas=self.betas, weight_decay=self.weight_decay)
+        cosine = self.lr_schedule == "cosine"
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [stage_schedule(*stage, cosine) for stage in stages])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["characteristic_stage"] = 2 if self._student_stage else 1
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if checkpoint.get("characteristic_stage") == 2 and not self._student_stage:
+            # the state dict already holds the frozen teacher and the student: only the flags change
+            freeze(self.teacher)
+            self.teacher.eval()
+            self._student_stage = True
