@@ -241,11 +241,17 @@ class OneStepGenerator(L.LightningModule):
             if name in ema:
                 ema[name] = ema[name].to(p.device)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay after optimiser step ``step``, with the usual warm-up: early in training the average
+        follows the weights closely, so a short run's EMA is not dominated by the random initialisation."""
+        return min(self.ema_decay, (1 + step) / (10 + step))
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The EMA is updated here, not in on_train_batch_end: that hook runs after the callbacks', so a
+        # checkpoint or an evaluation at step k would otherwise see the EMA of step k - 1.
+        decay = self.ema_decay_at(self.global_step + 1)  # global_step counts steps before this one
         ema = self._ensure_ema()
-        # warm-up: early in training the average follows the weights closely, so a short run's EMA
-        # is not dominated by the random initialisation
-        decay = min(self.ema_decay, (1 + self.global_step) / (10 + self.global_step))
         with torch.no_grad():
             for name, p in self._trainable().items():
                 if name not in ema:  # a parameter that became trainable later (a new stage)

@@ -253,8 +253,8 @@ class CharacteristicGenerator(OneStepGenerator):
         exponential integrator, which lands on the data prediction at ``t = 1``."""
         v = self.teacher.velocity(x, torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(len(x)))
         if self.solver == "euler" and not exact:
-            step = torch.as_tensor(t, dtype=x.dtype, device=x.device) - torch.as_tensor(s, dtype=x.dtype, device=x.device)
-            return x + time_column(step, x) * v
+            t, s = (torch.as_tensor(u, dtype=x.dtype, device=x.device) for u in (t, s))
+            return x + time_column(t - s, x) * v
         return self.interpolant.exp_step(x, self.interpolant.denoise_velocity(x, v, s), s, t)
 
     @torch.no_grad()
@@ -266,7 +266,7 @@ class CharacteristicGenerator(OneStepGenerator):
         return states
 
     def grid_times(self, include_end: bool = True) -> Tensor:
-        """The training grid ``linspace(t_min, t_max, grid_size)``, then ``1`` when ``include_end`` and ``t_max < 1``."""
+        """The grid ``linspace(t_min, t_max, grid_size)``, then ``1`` when ``include_end`` and ``t_max < 1``."""
         grid = torch.linspace(self.t_min, self.t_max, self.grid_size, dtype=torch.float64)
         if include_end and self.t_max < 1.0:
             grid = torch.cat([grid, torch.ones(1, dtype=torch.float64)])
@@ -354,27 +354,13 @@ class CharacteristicGenerator(OneStepGenerator):
         if not self._student_stage and self.global_step >= self.teacher_steps:
             self._start_student_stage()
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # the EMA is updated here rather than in on_train_batch_end, which runs after the checkpoint
-        # callbacks: a checkpoint then holds the EMA of exactly the weights it stores, so the stage-2
-        # teacher (the stage-1 EMA) is the same whether or not the run was resumed at the boundary
-        step = self.global_step + 1  # the optimiser step just taken
+    def ema_decay_at(self, step: int) -> float:
+        """The base's EMA warm-up, counted from the start of the current stage."""
         if self._student_stage:
             limit, local = self.ema_decay, step - self._stage_start
         else:
             limit, local = self.teacher_ema_decay, step
-        decay = min(limit, (1 + local) / (10 + local))  # the base's warm-up, counted from the stage start
-        ema = self._ensure_ema()
-        with torch.no_grad():
-            for name, p in self._trainable().items():
-                if name not in ema:
-                    ema[name] = p.detach().clone()
-                else:
-                    ema[name].lerp_(p.detach(), 1.0 - decay)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Nothing: the EMA is updated in :meth:`optimizer_step`."""
+        return min(limit, (1 + local) / (10 + local))
 
     def configure_optimizers(self) -> Any:
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None

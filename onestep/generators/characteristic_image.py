@@ -63,7 +63,8 @@ class LPIPSDistance:
             import lpips  # noqa: PLC0415 - optional dependency, imported only when asked for
         except Exception as err:  # noqa: BLE001 - lpips also fails when torchvision does not import
             raise ImportError(f"lpips_weights={weights_path!r} needs the 'lpips' package (and torchvision), "
-                              f"which failed to import: {err}; install them or leave lpips_weights unset for L2") from err
+                              f"which failed to import: {err}; install them or leave lpips_weights unset for L2"
+                              ) from err
         net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -139,5 +140,6 @@ def image_loss(gen: CharacteristicGenerator, x1: Tensor) -> tuple[Tensor, dict[s
     else:
         lam = torch.ones((), device=x1.device)
         loss = traj + gen.dsm_weight * dsm
-    logs = {"traj": traj.detach(), "dsm": dsm.detach(), "adaptive_weight": lam, "teacher_steps": torch.tensor(float(n), device=x1.device)}
+    logs = {"traj": traj.detach(), "dsm": dsm.detach(), "adaptive_weight": lam,
+            "teacher_steps": torch.tensor(float(n), device=x1.device)}
     return loss, logs
