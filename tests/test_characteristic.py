@@ -195,11 +195,12 @@ def _fit_and_save(model, shape, path) -> str:
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     torch.set_num_threads(1)
+    (root / "garbage.ckpt").write_bytes(b"not a checkpoint")
     return {
         "good": _fit_and_save(FlowMatching(data_shape=(2,), backbone=MLP), (2,), root / "fm.ckpt"),
         "shape": _fit_and_save(FlowMatching(data_shape=(3,), backbone=MLP), (3,), root / "fm3.ckpt"),
         "class": _fit_and_save(OTNFM(data_shape=(2,), backbone=MLP, coupling="independent"), (2,), root / "otnfm.ckpt"),
-        "garbage": str((root / "garbage.ckpt").write_bytes(b"not a checkpoint") and root / "garbage.ckpt"),
+        "garbage": str(root / "garbage.ckpt"),
     }
 
 
@@ -230,7 +231,8 @@ def test_bad_teacher_checkpoint_fails_before_training(checkpoints, tmp_path, cas
 
 def test_teacher_checkpoint_with_other_backbone_or_interpolant_is_rejected(checkpoints):
     with pytest.raises(ValueError, match="backbones differ"):
-        CharacteristicGenerator(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]}, teacher_ckpt=checkpoints["good"])
+        CharacteristicGenerator(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]},
+                                teacher_ckpt=checkpoints["good"])
     with pytest.raises(ValueError, match="interpolant='follmer' conflicts"):
         CharacteristicGenerator(data_shape=(2,), interpolant="follmer", teacher_ckpt=checkpoints["good"])
 
@@ -322,7 +324,8 @@ def test_teacher_step_count_is_drawn_proportional_to_n():
 
 def test_lpips_needs_a_weights_file_and_the_package(tmp_path):
     with pytest.raises(FileNotFoundError, match="lpips_weights"):
-        CharacteristicGenerator(data_shape=(1, 8, 8), backbone=UNET, distance="lpips", lpips_weights=str(tmp_path / "none.pt"))
+        CharacteristicGenerator(data_shape=(1, 8, 8), backbone=UNET, distance="lpips",
+                                lpips_weights=str(tmp_path / "none.pt"))
     bogus = tmp_path / "lpips.pt"
     torch.save({}, bogus)
     with pytest.raises((ImportError, ValueError), match="lpips"):  # ImportError here: torchvision is absent
