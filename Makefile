@@ -28,8 +28,10 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -x -q tests -m "not slow"
 
 benchmarks: $(STAMP)
-	$(PY) benchmarks/sampling_speed.py
-	$(PY) benchmarks/train_step_cost.py
+	$(PY) benchmarks/sampling_speed.py --threads 1
+	$(PY) benchmarks/sample_overhead.py --threads 1
+	$(PY) benchmarks/train_step_cost.py --threads 1
+	$(PY) benchmarks/metric_cost.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs results .pytest_cache

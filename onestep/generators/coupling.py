@@ -37,13 +37,15 @@ def pairwise_sq_dist(x0: Tensor, x1: Tensor) -> Tensor:
 def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
     """Permutation ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2`` (exact assignment).
 
-    Solved as the uniform-weight transport problem by POT's network simplex: its solution is a vertex of
-    the Birkhoff polytope, i.e. a permutation matrix, and on 2-D batches of 256 it is about 3x faster
-    than the Hungarian-style ``linear_sum_assignment`` (which stays as a fallback).
+    Low-dimensional data (D <= 8) is solved as the uniform-weight transport problem by POT's network
+    simplex, whose solution is a vertex of the Birkhoff polytope, i.e. a permutation matrix: on 2-D batches
+    of 256 it is about 3x faster than ``linear_sum_assignment`` (near-ties in 2-D slow the latter down).
+    In high dimension the shortest-augmenting-path solver is the faster one (784-D, B = 256: 1.8 ms
+    against 3.7 ms, measured on the 2-core development machine).
     """
     cost = pairwise_sq_dist(x0.detach(), x1.detach()).cpu().double().numpy()
     n = len(cost)
-    if n == len(cost[0]) and n > 1:
+    if n == len(cost[0]) and n > 1 and x0[0].numel() <= 8:
         weights = np.full(n, 1.0 / n)
         plan = ot.emd(weights, weights, cost, numItermax=max(100_000, 50 * n * n))
         perm = plan.argmax(0)  # column j (data) -> row (noise)
