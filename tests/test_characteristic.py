@@ -23,14 +23,6 @@ MLP = {"name": "mlp", "hidden": [32, 32], "time_dim": 16}
 UNET = {"name": "unet", "base_channels": 8, "channel_mult": [1, 2], "time_dim": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the ops are tiny: one thread avoids oversubscribing the 2 shared cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def trainer(max_steps: int, **kwargs) -> L.Trainer:
     defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

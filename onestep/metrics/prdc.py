@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+
+from onestep.metrics.wasserstein import TwoSampleMetric
 
 
 def _flat64(x: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ def prdc(real: Tensor, fake: Tensor, k: int = 5, chunk_size: int = 1024) -> dict
     }
 
 
-class PRDC(Metric):
+class PRDC(TwoSampleMetric):
     """:func:`prdc` as a torchmetrics ``Metric`` with cat states: ``update(fake=..., real=...)``."""
 
     full_state_update = False
@@ -79,16 +79,7 @@ class PRDC(Metric):
     def __init__(self, k: int = 5, chunk_size: int = 1024, **kwargs):
         super().__init__(**kwargs)
         self.k, self.chunk_size = k, chunk_size
-        self.add_state("fake", default=[], dist_reduce_fx="cat")
-        self.add_state("real", default=[], dist_reduce_fx="cat")
-
-    def update(self, fake: Tensor | None = None, real: Tensor | None = None) -> None:
-        if fake is not None:
-            self.fake.append(_flat64(fake))
-        if real is not None:
-            self.real.append(_flat64(real))
 
     def compute(self) -> dict[str, Tensor]:
-        if not len(self.fake) or not len(self.real):
-            raise RuntimeError("PRDC.compute() needs both fake and real features")
-        return prdc(dim_zero_cat(self.real), dim_zero_cat(self.fake), self.k, self.chunk_size)
+        fake, real = self._samples()
+        return prdc(real, fake, self.k, self.chunk_size)

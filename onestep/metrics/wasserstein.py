@@ -90,7 +90,7 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int
     return wasserstein2_1d_squared(x @ theta, y.to(x.device) @ theta).mean().clamp_min(0.0).sqrt()
 
 
-class _TwoSampleMetric(Metric):
+class TwoSampleMetric(Metric):
     """Cat states ``fake`` and ``real``: each process adds its share; ``compute`` sees the concatenation
     in rank order (identical on every rank, identical to one process holding all the data in that order)."""
 
@@ -115,7 +115,7 @@ class _TwoSampleMetric(Metric):
         return dim_zero_cat(self.fake), dim_zero_cat(self.real)
 
 
-class Wasserstein2(_TwoSampleMetric):
+class Wasserstein2(TwoSampleMetric):
     """:func:`wasserstein2` as a torchmetrics ``Metric``: ``update(fake=..., real=...)``."""
 
     def __init__(self, max_samples: int | None = 2048, seed: int = 0, **kwargs):
@@ -126,7 +126,7 @@ class Wasserstein2(_TwoSampleMetric):
         return wasserstein2(*self._samples(), max_samples=self.max_samples, seed=self.seed)
 
 
-class SlicedWasserstein2(_TwoSampleMetric):
+class SlicedWasserstein2(TwoSampleMetric):
     """:func:`sliced_wasserstein` as a torchmetrics ``Metric``: ``update(fake=..., real=...)``."""
 
     def __init__(self, n_projections: int = 256, seed: int = 0, **kwargs):
