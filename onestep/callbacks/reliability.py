@@ -12,8 +12,8 @@ they live here:
   and the run is still reproducible.
 * :class:`ExactCheckpoint` is a ``ModelCheckpoint`` whose step-triggered saves are written *between* two
   batches (at the next batch start, or at the epoch end after the last one). Lightning calls callbacks'
-  ``on_train_batch_end`` before the module's, so a plain ``ModelCheckpoint`` misses that batch's EMA update
-  (and anything else a plugin does in ``on_train_batch_end``). Files are written to ``<name>.tmp`` and
+  ``on_train_batch_end`` before the module's, so a plain ``ModelCheckpoint`` misses anything a plugin does
+  in its own ``on_train_batch_end`` (the base class updates the EMA earlier, in ``optimizer_step``). Files are written to ``<name>.tmp`` and
   renamed, so a kill during a write never leaves a truncated ``last.ckpt``.
 
 All stored states are tensors, ints, floats, lists and dicts: the checkpoints load with ``weights_only=True``.
@@ -154,7 +154,7 @@ class ExactCheckpoint(ModelCheckpoint):
 
     A save that ``every_n_train_steps`` or ``train_time_interval`` triggers at the end of a batch is
     written at the start of the next batch, or at the end of the epoch if that was the last batch, so it
-    contains everything the module did in ``on_train_batch_end`` (the EMA update). Writes are atomic.
+    contains everything the module did in ``on_train_batch_end``. Writes are atomic.
     With an automatic folder (``dirpath=None``) each new fit resolves its folder again, so one instance
     can be reused by several trainers in one process."""
 
