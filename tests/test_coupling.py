@@ -1,11 +1,23 @@
 """Couplings: exact assignment, counter-based noise, global and online banks."""
 
 import itertools
+import sys
 
 import pytest
 import torch
 
-from onestep.generators.coupling import NoiseBank, hashed_normal, minibatch_ot, ot_permutation, pairwise_sq_dist
+from conftest import fit_quietly
+from onestep.data import OneStepDataModule
+from onestep.generators import OTNFM, FlowMatching
+
+from onestep.generators.coupling import (
+    NoiseBank,
+    PairingPipeline,
+    hashed_normal,
+    minibatch_ot,
+    ot_permutation,
+    pairwise_sq_dist,
+)
 
 
 def test_ot_permutation_is_optimal_by_brute_force():
@@ -67,3 +79,65 @@ def test_online_pair_returns_the_noise_it_stores():
 def test_global_coupling_refuses_large_sets():
     with pytest.raises(ValueError, match="online"):
         NoiseBank(50, (2,)).solve_global(torch.randn(50, 2), max_size=10)
+
+
+# ---------------------------------------------------------------------- pairing one batch ahead
+def test_pairing_pipeline_returns_the_exact_pairing_of_the_submitted_batch():
+    g = torch.Generator().manual_seed(3)
+    pipeline = PairingPipeline((2,), seed=5)
+    batches = [(3 * torch.randn(64, 2, generator=g), torch.randperm(1000, generator=g)[:64]) for _ in range(3)]
+    for k, (x1, idx) in enumerate(batches):
+        pipeline.submit(x1, idx, draw=idx + 1000 * k)
+    x1, idx = batches[1]
+    x0 = hashed_normal(idx + 1000, (2,), seed=5)
+    expected = x0[ot_permutation(x0, x1)]
+    assert torch.equal(pipeline.take(idx), expected)  # the first batch was skipped (never trained on)
+    assert pipeline.take(batches[0][1]) is None  # ... and dropped: asking for it later is a miss
+    assert (pipeline.hits, pipeline.misses) == (1, 1)
+    pipeline.close()
+
+
+def test_pairing_pipeline_keeps_a_bounded_queue_and_copies_without_its_thread():
+    import copy
+    pipeline = PairingPipeline((2,), seed=0)
+    for k in range(PairingPipeline.max_pending + 3):
+        pipeline.submit(torch.randn(8, 2), torch.arange(8) + 8 * k, torch.arange(8) + 8 * k)
+    assert len(pipeline._pending) == PairingPipeline.max_pending
+    clone = copy.deepcopy(pipeline)
+    assert clone.take(torch.arange(8)) is None and clone.seed == 0
+    pipeline.close()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OTNFM(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]}, coupling="minibatch"),
+    lambda: FlowMatching(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]}, coupling="minibatch"),
+], ids=["otnfm", "flow_matching"])
+def test_training_takes_every_pairing_from_the_pipeline_and_pairs_optimally(make, monkeypatch):
+    """With OneStepDataModule every step's batch was solved ahead (no inline fallback), and the pairs the
+    loss sees are the exact OT assignment of the batch (re-solving them cannot lower their cost)."""
+    torch.manual_seed(0)
+    model, pairs = make(), []
+    module = sys.modules[type(model).__module__]
+    original = module.paired_noise
+
+    def spy(x1, idx, pipeline):
+        x0 = original(x1, idx, pipeline)
+        pairs.append((x0, x1))
+        return x0
+
+    monkeypatch.setattr(module, "paired_noise", spy)
+    fit_quietly(model, OneStepDataModule("8gaussians", batch_size=64, n_train=512), steps=12)
+    assert (model._pairing.hits, model._pairing.misses) == (12, 0) and len(pairs) == 12
+    for x0, x1 in pairs:
+        cost = pairwise_sq_dist(x0, x1)
+        assert torch.allclose(cost.diagonal().sum(), cost[ot_permutation(x0, x1), torch.arange(64)].sum())
+        assert cost.diagonal().sum() < 0.8 * cost.sum() / 64  # far below a random pairing's cost
+
+
+def test_prefetch_off_or_loader_workers_pair_inline():
+    model = OTNFM(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]}, prefetch_pairing=False)
+    fit_quietly(model, OneStepDataModule("8gaussians", batch_size=64, n_train=256), steps=2)
+    assert model._pairing is None
+    model = OTNFM(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]})
+    fit_quietly(model, OneStepDataModule("8gaussians", batch_size=64, n_train=256, num_workers=1), steps=2)
+    assert model._pairing is None  # a worker process could not reach the model's queue

@@ -231,6 +231,9 @@ def test_unet_out_channels_and_levels():
         ({"name": "mlp", "activation": "wobble"}, (2,), None, {}, r"unknown activation.*silu"),
         ({"name": "resnet_flow", "time_embed": "cubic"}, (2,), None, {}, r"unknown flow time embedding.*tanh"),
         ("mlp", "two", None, {}, r"in_shape"),
+        ({"name": "mlp", "hidden": [-3]}, (2,), None, {}, r"'mlp' with options \{'hidden': \(-3,\)\}.*positive integers"),
+        ({"name": "mlp", "hidden": "abc"}, (2,), None, {}, r"'mlp' with options \{'hidden': 'abc'\}"),
+        ({"name": "resnet_flow", "n_blocks": 0}, (2,), None, {}, r"'resnet_flow' with options.*n_blocks must be >= 1"),
     ],
 )
 def test_bad_specs_raise(spec, in_shape, out_shape, kwargs, pattern):

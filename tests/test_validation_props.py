@@ -113,15 +113,7 @@ def _case_id(case) -> str:
     return f"{case[0]}.{case[2]}"
 
 
-def _xfail_known_gaps(case):
-    # OTNFM.time_fn is only checked by FlowMap, whose message does not name the option (and the default
-    # resnet_flow backbone ignores the value): reported, to be fixed in otnfm.py (e.g. a Literal annotation)
-    if case[0] == "OTNFM" and case[2] == "time_fn":
-        return pytest.param(*case, id=_case_id(case), marks=pytest.mark.xfail(strict=True, reason="known gap"))
-    return pytest.param(*case, id=_case_id(case))
-
-
-@pytest.mark.parametrize("owner, build, option, invalid, valid", [_xfail_known_gaps(c) for c in CASES])
+@pytest.mark.parametrize("owner, build, option, invalid, valid", [pytest.param(*c, id=_case_id(c)) for c in CASES])
 @SETTINGS
 @given(data=st.data())
 def test_out_of_range_values_are_refused_by_name(owner, build, option, invalid, valid, data):

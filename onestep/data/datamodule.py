@@ -124,6 +124,19 @@ def _collate_gathered(batch: tuple[Tensor, ...] | list) -> tuple[Tensor, ...]:
     return tuple(torch.stack(column) for column in zip(*batch))
 
 
+class _HookedCollate:
+    """Collate, then hand the batch to ``hook(x, idx, draw)``, ``draw = data_epoch * N + idx`` naming this
+    draw of each sample (used to solve a batch's coupling ahead of its training step)."""
+
+    def __init__(self, hook, sampler: ResumableSampler) -> None:
+        self.hook, self.sampler = hook, sampler
+
+    def __call__(self, batch: tuple[Tensor, ...] | list) -> tuple[Tensor, ...]:
+        x, idx = _collate_gathered(batch)
+        self.hook(x, idx, self.sampler.data_epoch * self.sampler.n + idx)
+        return x, idx
+
+
 class OneStepDataModule(L.LightningDataModule):
     """Data for every generator: a synthetic manifold (see `MANIFOLDS`) or an image set.
 
@@ -186,6 +199,9 @@ class OneStepDataModule(L.LightningDataModule):
         self.val_data: Tensor | None = None
         self.test_data: Tensor | None = None
         self._labels: dict[str, Tensor] = {}
+        # set by a model that prepares each training batch ahead of its step (see PairingPipeline);
+        # called in this process only, so it is ignored when num_workers > 0
+        self.train_batch_hook = None
 
     # ----------------------------------------------------------------- normalisation
     def normalize(self, x_raw: Tensor) -> Tensor:
@@ -294,7 +310,8 @@ class OneStepDataModule(L.LightningDataModule):
             drop_last=sampler.num_samples >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=_collate_gathered,
+            collate_fn=_collate_gathered if self.train_batch_hook is None or self.num_workers > 0
+            else _HookedCollate(self.train_batch_hook, sampler),
             generator=generator,
         )
         loader.owner = self  # reads the fit loop's progress when the position is saved

@@ -6,7 +6,8 @@ Linear path from noise ``x0 ~ N(0, I)`` at ``t = 0`` to data ``x1`` at ``t = 1``
            \qquad \mathcal{L}(\theta) = \mathbb{E}_{t, (x_0, x_1) \sim \pi} \|v_\theta(x_t, t) - u_t\|^2 .
 
 With ``coupling="independent"`` this is (I-)CFM / rectified flow; with ``coupling="minibatch"`` the pairs
-come from the exact OT assignment within each batch (OT-CFM, Tong et al. 2023). Sampling integrates
+come from the exact OT assignment within each batch (OT-CFM, Tong et al. 2023), solved one batch ahead on
+a background thread unless ``prefetch_pairing=False`` (see :class:`~onestep.generators.coupling.PairingPipeline`). Sampling integrates
 ``dx/dt = v(x, t)`` from 0 to 1 with ``steps`` Euler (NFE = steps) or Heun (NFE = 2 * steps) steps.
 The module also serves as the characteristic generator's teacher through :meth:`velocity`.
 """
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from onestep.generators.base import OneStepGenerator, _check
-from onestep.generators.coupling import minibatch_ot
+from onestep.generators.coupling import attach_pairing, paired_noise
 from onestep.nets import build_backbone
 
 SAMPLERS = ("euler", "heun")
@@ -38,6 +39,7 @@ class FlowMatching(OneStepGenerator):
         sampler: str = "euler",
         steps: int = 100,
         sigma: float = 0.0,
+        prefetch_pairing: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
@@ -47,6 +49,15 @@ class FlowMatching(OneStepGenerator):
         _check(sigma >= 0, f"sigma must be >= 0, got {sigma}")
         self.coupling, self.sampler, self.steps, self.sigma = coupling, sampler, steps, sigma
         self.net = build_backbone(backbone, self.data_shape)
+        self.prefetch_pairing, self._pairing = prefetch_pairing, None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.coupling == "minibatch" and self.prefetch_pairing and self._pairing is None:
+            self._pairing = attach_pairing(self, self.data_shape)
+
+    def teardown(self, stage: str) -> None:
+        if self._pairing is not None:
+            self._pairing.close()
 
     @property
     def nfe(self) -> int:  # type: ignore[override]
@@ -58,9 +69,7 @@ class FlowMatching(OneStepGenerator):
         return self.net(x, t)
 
     def loss(self, x1: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        x0 = torch.randn_like(x1)
-        if self.coupling == "minibatch":
-            x0 = minibatch_ot(x0, x1)
+        x0 = paired_noise(x1, idx, self._pairing) if self.coupling == "minibatch" else torch.randn_like(x1)
         t = torch.rand(len(x1), device=x1.device)
         tb = t.view(-1, *([1] * (x1.dim() - 1)))
         xt = (1 - tb) * x0 + tb * x1

@@ -16,7 +16,8 @@ ResNet flow; any other backbone is wrapped as ``x0 + h(t) * net(x0, t)``.
 
 Under DDP the ``online`` bank is kept identical on every rank: each rank re-pairs its own batch and the
 slot updates of all ranks are gathered and applied everywhere (the batches are disjoint, so the updates
-never conflict).
+never conflict). The ``minibatch`` assignment is solved one batch ahead on a background thread unless
+``prefetch_pairing=False`` (:class:`~onestep.generators.coupling.PairingPipeline`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch
 from torch import Tensor
 
 from onestep.generators.base import OneStepGenerator, _check
-from onestep.generators.coupling import COUPLINGS, NoiseBank, minibatch_ot
+from onestep.generators.coupling import COUPLINGS, NoiseBank, attach_pairing, paired_noise
 from onestep.nets import FlowMap, build_backbone
+from onestep.nets.time import FLOW_TIME_EMBEDDINGS
 
 LOSSES = ("position", "velocity")
 
@@ -50,6 +52,7 @@ class OTNFM(OneStepGenerator):
         bank_slots: int = 1,
         bank_seed: int = 0,
         global_max_size: int = 10_000,
+        prefetch_pairing: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
@@ -58,14 +61,20 @@ class OTNFM(OneStepGenerator):
         _check(loss_type in LOSSES, f"loss_type must be one of {LOSSES}, got {loss_type!r}")
         _check(bank_slots >= 1, f"bank_slots must be >= 1, got {bank_slots}")
         _check(global_max_size >= 1, f"global_max_size must be >= 1, got {global_max_size}")
+        _check(time_fn in FLOW_TIME_EMBEDDINGS,
+               f"time_fn must be one of {sorted(FLOW_TIME_EMBEDDINGS)}, got {time_fn!r}")
         _check(not (coupling == "global" and bank_slots != 1), "coupling='global' uses one noise per data point: "
                f"set bank_slots=1 (got {bank_slots})")
         self.coupling, self.p_t1, self.loss_type = coupling, p_t1, loss_type
         self.bank_slots, self.bank_seed, self.global_max_size = bank_slots, bank_seed, global_max_size
         spec = dict(backbone) if backbone else {"name": "resnet_flow" if len(self.data_shape) == 1 else "unet"}
+        _check(spec.get("name") != "resnet_flow" or time_fn == "identity",
+               f"time_fn={time_fn!r} applies to the FlowMap wrapper of mlp/unet backbones; the resnet_flow backbone "
+               "embeds time in every block: set backbone.time_embed instead and leave time_fn at 'identity'")
         net = build_backbone(spec, self.data_shape)
         self.flow = net if spec.get("name") == "resnet_flow" else FlowMap(net, time_fn=time_fn)
         self.bank: NoiseBank | None = None
+        self.prefetch_pairing, self._pairing = prefetch_pairing, None
 
     # ------------------------------------------------------------------ coupling state
     def _make_bank(self, n_data: int) -> NoiseBank:
@@ -74,6 +83,8 @@ class OTNFM(OneStepGenerator):
         return self.bank
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.coupling == "minibatch" and self.prefetch_pairing and self._pairing is None:
+            self._pairing = attach_pairing(self, self.data_shape)
         if self.coupling not in ("global", "online") or self.bank is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -84,6 +95,10 @@ class OTNFM(OneStepGenerator):
         bank = self._make_bank(len(data))
         if self.coupling == "global":
             bank.solve_global(data, max_size=self.global_max_size)
+
+    def teardown(self, stage: str) -> None:
+        if self._pairing is not None:
+            self._pairing.close()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -96,7 +111,7 @@ class OTNFM(OneStepGenerator):
         if self.coupling == "independent":
             return torch.randn_like(x1)
         if self.coupling == "minibatch":
-            return minibatch_ot(torch.randn_like(x1), x1)
+            return paired_noise(x1, idx, self._pairing)
         if self.bank is None:
             raise RuntimeError(f"coupling={self.coupling!r}: the noise bank was not built (setup() not run)")
         if self.coupling == "global":

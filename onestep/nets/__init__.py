@@ -120,12 +120,19 @@ def build_backbone(spec, in_shape, out_shape=None, time_conditioned: bool = True
     def fail(problem: str, fix: str) -> ValueError:
         return _shape_error(name, in_shape, out_shape, problem, fix)
 
+    def construct(cls, *args, **kw) -> nn.Module:
+        try:
+            return cls(*args, **kw)
+        except (TypeError, ValueError, RuntimeError) as err:  # e.g. hidden=[-3] or hidden="abc"
+            raise ValueError(f"build_backbone: backbone {name!r} with options {kwargs} could not be built: {err}. "
+                             "Fix the backbone options (widths and counts are positive integers)") from err
+
     if name == "mlp":
         if not time_conditioned:
             if kwargs.get("time_dim", 0):
                 raise ValueError("build_backbone: backbone 'mlp' with time_conditioned=False cannot take time_dim > 0; drop time_dim")
             kwargs["time_dim"] = 0
-        net = MLP(math.prod(in_shape), math.prod(out_shape), out_shape=out_shape, **kwargs)
+        net = construct(MLP, math.prod(in_shape), math.prod(out_shape), out_shape=out_shape, **kwargs)
     elif name == "unet":
         if len(in_shape) != 3 or len(out_shape) != 3:
             raise fail("the UNet needs image shapes (C, H, W)", "use {'name': 'mlp'} for vectors, or give shapes like (1, 28, 28)")
@@ -136,21 +143,21 @@ def build_backbone(spec, in_shape, out_shape=None, time_conditioned: bool = True
                 raise ValueError("build_backbone: backbone 'unet' with time_conditioned=False cannot take time_dim > 0; drop time_dim")
             kwargs["time_dim"] = 0
         check_unet_shape(in_shape[1], in_shape[2], kwargs.get("channel_mult", (1, 2, 2)), where=f"build_backbone: backbone 'unet' on {in_shape}")
-        net = UNet(in_shape[0], out_shape[0], **kwargs)
+        net = construct(UNet, in_shape[0], out_shape[0], **kwargs)
     elif name == "resnet_flow":
         if len(in_shape) != 1 or out_shape != in_shape:
             raise fail("the ResNet flow maps vectors (d,) to the same shape", "use {'name': 'mlp'}, or a FlowMap around a unet for images")
         if not time_conditioned:
             raise fail("a neural flow phi(x0, t) always takes time", "use time_conditioned=True or {'name': 'mlp'}")
-        net = ResNetFlow(in_shape[0], **kwargs)
+        net = construct(ResNetFlow, in_shape[0], **kwargs)
     elif name == "conv_decoder":
         if len(in_shape) != 1 or len(out_shape) != 3:
             raise fail("conv_decoder maps a vector (d,) to an image (C, H, W)", "give in_shape=(d,) and out_shape=(C, H, W), or use {'name': 'mlp'}")
-        net = ConvDecoder(in_shape[0], out_shape, **kwargs)
+        net = construct(ConvDecoder, in_shape[0], out_shape, **kwargs)
     else:  # conv_encoder
         if len(in_shape) != 3 or len(out_shape) != 1:
             raise fail("conv_encoder maps an image (C, H, W) to a vector (d,)", "give in_shape=(C, H, W) and out_shape=(d,), or use {'name': 'mlp'}")
-        net = ConvEncoder(in_shape, out_shape[0], **kwargs)
+        net = construct(ConvEncoder, in_shape, out_shape[0], **kwargs)
 
     net.backbone_name = name
     net.in_shape, net.out_shape = in_shape, out_shape
