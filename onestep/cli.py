@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from onestep.callbacks import EvaluationCallback
@@ -40,6 +41,27 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _plain_ddp(trainer_cfg: Any) -> bool:
+    """Whether the trainer options ask for DDP by name, or for ``auto`` on several devices or nodes."""
+    strategy, devices = trainer_cfg.get("strategy"), trainer_cfg.get("devices")
+    if strategy == "ddp":
+        return True
+    if strategy != "auto":
+        return False
+    if int(trainer_cfg.get("num_nodes") or 1) > 1:
+        return True
+    if devices in ("auto", -1, "-1"):
+        return torch.cuda.device_count() > 1
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) > 1
+    try:
+        return int(devices) > 1
+    except (TypeError, ValueError):
+        return False
+
+
 class OneStepCLI(LightningCLI):
     """LightningCLI with the datamodule's shape linked into the model, evaluation and loggers."""
 
@@ -62,6 +84,9 @@ class OneStepCLI(LightningCLI):
                 save_dir=cfg.get("out_dir", "runs"), name=name, wandb=cfg.get("wandb", False),
                 project=cfg.get("wandb_project", "onestep"), group=cfg.get("wandb_group"),
                 tags=[method, self.datamodule.dataset], config=cfg.as_dict())
+        if getattr(self.model, "trains_in_stages", False) and _plain_ddp(cfg.trainer):
+            # the parameters of the stage not being trained get no gradient; plain DDP stops on that
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"
         return super().instantiate_trainer(**kwargs)
 
 

@@ -102,3 +102,18 @@ def test_a_plugin_outside_the_package_runs_through_the_cli(tmp_path, monkeypatch
     result = json.loads(next(tmp_path.glob("otregression-8gaussians/version_0/eval.jsonl")).read_text())
     assert result["metrics"]["eval/nfe"] == 1
     assert result["metrics"]["eval/w2"] < 1.5  # the untrained map sits near N(0, I): W2 about 4.5
+
+
+@pytest.mark.parametrize("trainer, expected", [
+    ({"strategy": "ddp", "devices": 1}, True),
+    ({"strategy": "auto", "devices": 2}, True),
+    ({"strategy": "auto", "devices": "0,1"}, True),
+    ({"strategy": "auto", "devices": [0]}, False),
+    ({"strategy": "auto", "devices": 1, "num_nodes": 2}, True),
+    ({"strategy": "auto", "devices": 1}, False),
+    ({"strategy": "ddp_find_unused_parameters_true", "devices": 2}, False),  # the user's own choice stays
+    ({"strategy": "fsdp", "devices": 2}, False),
+])
+def test_two_stage_plugins_get_unused_parameter_search_only_under_plain_ddp(trainer, expected):
+    from onestep.cli import _plain_ddp
+    assert _plain_ddp(trainer) is expected

@@ -152,3 +152,29 @@ def test_online_bank_identical_on_every_rank_and_ranks_draw_different_noise(ddp_
     assert torch.equal(slots.sort().values, torch.arange(512 * 2))  # still a bijection data x slot -> noise
     assert reports[0]["final_cost"] < 0.8 * reports[0]["cost"]  # 3 epochs of re-pairing lower the OT cost
     assert [r["seed"] for r in reports] == [rank_seed(0, 0), rank_seed(0, 1)]  # per-rank, from the run's seed
+
+
+def test_two_stage_plugins_train_under_plain_ddp(tmp_path):
+    """`--trainer.strategy ddp` with a plugin whose stages train different parameters (the student or the
+    distance net gets no gradient in stage 1): the CLI turns on DDP's unused-parameter search, so both
+    stages run on 2 processes and the run is evaluated. Plain DDP would stop at the first step."""
+    tiny = ["--trainer.max_steps", "8", "--data.n_train", "512", "--data.batch_size", "32", "--eval.n_samples", "256",
+            "--eval.every_n_steps", "0", *DDP, *QUIET]
+    runs = {
+        "characteristic": _start_cli(["fit", "--config", str(REPO / "configs/characteristic/8gaussians.yaml"),
+                                      "--model.init_args.teacher_steps", "4", "--model.init_args.grid_size", "8",
+                                      "--model.init_args.backbone", "{name: mlp, hidden: [16]}",
+                                      "--out_dir", str(tmp_path / "characteristic"), *tiny]),
+        "lmppm": _start_cli(["fit", "--config", str(REPO / "configs/lmppm/8gaussians.yaml"),
+                             "--model.init_args.encoder", "{name: mlp, hidden: [16]}",
+                             "--model.init_args.decoder", "{name: mlp, hidden: [16]}",
+                             "--model.init_args.distance_net", "{name: mlp, hidden: [16]}",
+                             "--model.init_args.bank_size", "128", "--model.init_args.steps", "2",
+                             "--out_dir", str(tmp_path / "lmppm"), *tiny]),
+    }
+    for name, proc in runs.items():
+        _finish(proc)
+        records = [json.loads(line) for path in (tmp_path / name).rglob("eval.jsonl")
+                   for line in path.read_text().splitlines()]
+        assert len(records) == 1 and records[0]["step"] == 8, records  # written once, by rank 0, at the end
+        assert 0 < records[0]["metrics"]["eval/w2"] < 50, records[0]["metrics"]

@@ -130,6 +130,9 @@ class OneStepGenerator(L.LightningModule):
 
     #: network evaluations per sample at the default setting
     nfe: int = 1
+    #: True for plugins whose stages train different parameters (teacher then student, autoencoder then
+    #: distance net): DDP must then look for unused parameters, which ``onestep fit`` switches on
+    trains_in_stages: bool = False
 
     def __init__(
         self,

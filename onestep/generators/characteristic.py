@@ -76,6 +76,8 @@ class CharacteristicGenerator(OneStepGenerator):
         t_features: sinusoidal features of the target time fed to the student.
     """
 
+    trains_in_stages = True
+
     def __init__(
         self,
         data_shape: Sequence[int] = (2,),

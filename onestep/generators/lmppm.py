@@ -156,6 +156,8 @@ class LMPPM(OneStepGenerator):
         lambda_*: loss weights (``lambda_prob = 0`` switches the probabilistic alignment off).
     """
 
+    trains_in_stages = True
+
     def __init__(
         self, data_shape: Sequence[int] = (2,), backbone: Mapping[str, Any] | None = None,
         encoder: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
