@@ -267,3 +267,11 @@ def test_gradients_reach_all_parameters(name, in_shape, out_shape, wrap_flow_map
     model(torch.randn(B, *in_shape), torch.rand(B) * 0.9 + 0.1).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reached {missing}"
+
+
+def test_time_embedding_of_one_broadcast_time_equals_the_per_sample_embedding():
+    from onestep.nets.time import SinusoidalTimeEmbedding
+    embed = SinusoidalTimeEmbedding(33)  # odd: the padded column too
+    once = embed(torch.tensor(0.37), batch_size=5)  # computed once, broadcast
+    rows = embed(torch.full((5,), 0.37))  # computed per sample
+    assert once.shape == (5, 33) and torch.equal(once, rows)

@@ -317,4 +317,4 @@ class OneStepGenerator(L.LightningModule):
                 chunks = [self.generate(min(chunk_size, n - start), generator) for start in range(0, n, chunk_size)]
         finally:
             self.train(was_training)
-        return torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)

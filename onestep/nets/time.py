@@ -72,6 +72,8 @@ class SinusoidalTimeEmbedding(nn.Module):
 
     def forward(self, t, batch_size: int | None = None) -> Tensor:
         t = as_batch_time(t, batch_size, like=self.freqs)
+        if len(t) > 1 and t.stride(0) == 0:  # one time broadcast over the batch (sampling): embed it once
+            return self.forward(t[:1]).expand(len(t), -1)
         angles = (self.scale * t)[:, None] * self.freqs[None, :]
         emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
         if emb.shape[-1] < self.dim:  # odd dim: pad one zero column
