@@ -225,6 +225,25 @@ def test_append_and_read_records_round_trip(tmp_path):
     assert len(read_records(path)) == 2
 
 
+def test_report_divides_every_method_by_the_reference(suite_run, tmp_path):
+    """``reference: fm`` adds a methods x datasets table of metric / fm's metric, bold where <= 1."""
+    from onestep.benchmark.report import write_report
+
+    out = tmp_path / "out"
+    shutil.copytree(suite_run["out"], out, ignore=shutil.ignore_patterns("runs"))
+    suite = yaml.safe_load((out / "suite.yaml").read_text())
+    (out / "suite.yaml").write_text(yaml.safe_dump({**suite, "reference": "fm"}))
+    md = write_report(out, with_floor=False)["md"].read_text()
+    section = md.split("## Against the reference: metric / fm's")[1].split("\n## ")[0]
+    records = ok_records(out)
+    for method in ("otnfm", "mine"):
+        ratio = records[method]["metrics"]["w2"] / records["fm"]["metrics"]["w2"]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {method} |"))
+        cell = f"{ratio:.3g} (NFE 1 vs 4)"
+        assert (f"**{cell}**" if ratio <= 1 else cell) in row, (row, ratio)
+    assert "| fm |" not in section
+
+
 def _raw_suite(**changes):
     raw = {"name": "s", "methods": [{"name": "otnfm", "config": "configs/otnfm"}], "datasets": ["8gaussians"],
            "seeds": [0], "budget": {"max_steps": 10}, "eval": {"n_samples": 128}}
@@ -248,6 +267,7 @@ def _raw_suite(**changes):
     ({"methods": [{"name": "a b", "config": "x"}]}, "name 'a b'"),
     ({"colour": "red"}, "unknown keys ['colour']"),
     ({"threads": 0}, "threads"),
+    ({"reference": "flow_matching"}, "'flow_matching' is not one of the suite's methods ['otnfm']"),
 ])
 def test_suite_validation_names_the_option(changes, message):
     with pytest.raises(ValueError, match=None) as err:

@@ -28,7 +28,15 @@ import yaml
 from onestep.benchmark import figures as figs
 from onestep.benchmark.floor import floor_for, floor_key, load_floors
 from onestep.benchmark.records import RESULTS_FILE, describe_machine_short, latest_by_cell, read_records
-from onestep.benchmark.tables import DIRECTION_NOTE, Table, cell_values, dataset_table, overview_table, primary_metric
+from onestep.benchmark.tables import (
+    DIRECTION_NOTE,
+    Table,
+    cell_values,
+    dataset_table,
+    overview_table,
+    primary_metric,
+    reference_table,
+)
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:0.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
@@ -86,9 +94,12 @@ def collect(out_dir: Path, with_floor: bool = True) -> dict[str, Any]:
     values = defaultdict(list)
     for r in ok:
         values[(r["method"], r["dataset"])].append(r["_values"])
+    finished = [m for m in methods if any(r["method"] == m for r in ok)]
+    reference = suite.get("reference") or ("flow_matching" if "flow_matching" in finished else None)
     return {"suite": suite, "records": latest, "ok": ok, "methods": methods, "datasets": datasets, "seeds": seeds,
             "floors": floors, "tables": tables, "failures": failures,
-            "overview": overview_table(values, [m for m in methods if any(r["method"] == m for r in ok)], datasets),
+            "overview": overview_table(values, finished, datasets), "reference": reference,
+            "against_reference": reference_table(values, finished, datasets, reference) if reference else None,
             "run_info": json.loads((out_dir / "run_info.json").read_text()) if (out_dir / "run_info.json").is_file()
             else {}}
 
@@ -182,6 +193,9 @@ def _markdown(data: dict[str, Any], figures: dict[str, Path], out_dir: Path) -> 
     parts += [f"- **{label}**: {text}" for label, text in _header(data)] + [""]
     if data["overview"] is not None:
         parts += ["## Overview: headline metric / data floor", "", data["overview"].markdown(), ""]
+    if data["against_reference"] is not None:
+        parts += [f"## Against the reference: metric / {data['reference']}'s", "",
+                  data["against_reference"].markdown(), ""]
     for d in data["datasets"]:
         parts += [f"## {d}", "", data["tables"][d].markdown(), ""]
         if data["failures"][d]:
@@ -201,6 +215,9 @@ def _html(data: dict[str, Any], figures: dict[str, Path], out_dir: Path) -> str:
     parts.append("</ul>")
     if data["overview"] is not None:
         parts += ["<h2>Overview: headline metric / data floor</h2>", data["overview"].html()]
+    if data["against_reference"] is not None:
+        parts += [f"<h2>Against the reference: metric / {html.escape(data['reference'])}'s</h2>",
+                  data["against_reference"].html()]
     for d in data["datasets"]:
         parts += [f"<h2>{html.escape(d)}</h2>", data["tables"][d].html()]
         if data["failures"][d]:
@@ -253,6 +270,8 @@ def log_summary_to_wandb(data: dict[str, Any], figures: dict[str, Path], project
     tables: dict[str, Table] = dict(data["tables"])
     if data["overview"] is not None:
         tables["overview"] = data["overview"]
+    if data["against_reference"] is not None:
+        tables["against_reference"] = data["against_reference"]
     for name, table in tables.items():
         run.log({f"tables/{name}": wandb.Table(columns=table.columns, data=[[t for t, _ in row] for row in table.rows])})
     for name, path in figures.items():

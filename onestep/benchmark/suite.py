@@ -28,6 +28,8 @@ A suite is a YAML file::
       final_samples: 2000                # runner-only: samples kept per cell for the report's figures
     overrides: {trainer.accelerator: cpu}  # dotted CLI keys applied to every cell (methods may add more)
     threads: 1                           # torch intra-op threads (optional; `--threads` overrides it)
+    reference: flow_matching             # the method the others are compared with in the report (optional;
+                                         # default: the method named flow_matching, if any)
 
 Paths are tried relative to the current directory first, then to the suite file's directory and each of
 its parents (so ``configs/otnfm`` works from the repository root and from ``configs/suites``). A missing
@@ -61,7 +63,7 @@ RUNNER_EVAL_KEYS = {"nfe_sweep": None, "final_samples": 2048}
 PROTOCOL_DEFAULTS: dict[str, Any] = {"n_samples": 2048, "reference_split": "test", "feature_space": None,
                                      "w2_max_samples": 2048, "seed": 0, "every_n_steps": None}
 TOP_LEVEL_KEYS = ("name", "description", "methods", "datasets", "seeds", "budget", "data", "eval", "overrides",
-                  "threads")
+                  "threads", "reference")
 
 
 def _fail(where: str, message: str) -> None:
@@ -210,6 +212,7 @@ class Suite:
     description: str = ""
     path: str | None = None
     threads: int | None = None
+    reference: str | None = None
 
     def cells(self) -> list[Cell]:
         """Every cell, dataset-major (all methods of a dataset run close together in time)."""
@@ -233,7 +236,8 @@ class Suite:
         return {"name": self.name, "description": self.description, "path": self.path,
                 "methods": [asdict(m) for m in self.methods], "datasets": list(self.datasets),
                 "seeds": list(self.seeds), "budget": asdict(self.budget), "eval": self.protocol.as_dict(),
-                "data": self.data, "overrides": self.overrides, "threads": self.threads}
+                "data": self.data, "overrides": self.overrides, "threads": self.threads,
+                "reference": self.reference}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -358,10 +362,14 @@ def suite_from_dict(raw: dict[str, Any], path: str | None = None) -> Suite:
     threads = raw.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         _fail("threads", f"must be an integer >= 1 (torch intra-op threads), got {threads!r}")
-    return Suite(name=name, methods=_method_specs(raw.get("methods")), datasets=tuple(datasets),
+    methods = _method_specs(raw.get("methods"))
+    reference = raw.get("reference")
+    if reference is not None and reference not in [m.name for m in methods]:
+        _fail("reference", f"{reference!r} is not one of the suite's methods {[m.name for m in methods]}")
+    return Suite(name=name, methods=methods, datasets=tuple(datasets),
                  seeds=tuple(seeds), budget=Budget(**budget_raw), protocol=protocol, data=dict(data),
                  overrides=dict(overrides), description=str(raw.get("description") or ""),
-                 path=str(path) if path else None, threads=threads)
+                 path=str(path) if path else None, threads=threads, reference=reference)
 
 
 def load_suite(path: str | Path) -> Suite:

@@ -184,3 +184,38 @@ def overview_table(values: dict[tuple[str, str], list[dict[str, float]]], method
              "reference as a second real sample): " + ", ".join(f"{d}: {(ratio_key[d] or '').removesuffix('_ratio')}"
                                                                 for d in datasets) + "."]
     return Table(columns, rows, notes=notes)
+
+
+def reference_table(values: dict[tuple[str, str], list[dict[str, float]]], methods: list[str],
+                    datasets: list[str], reference: str) -> Table | None:
+    """Methods x datasets: each method's headline metric over the reference method's (mean over seeds
+    each), with the NFE of both; bold where the method is no worse than the reference (ratio <= 1)."""
+    def mean_of(method: str, dataset: str, key: str) -> float | None:
+        return Stat([v[key] for v in values.get((method, dataset), []) if v.get(key) is not None]).mean
+
+    keys = {}
+    for d in datasets:
+        present = {k for m in methods for v in values.get((m, d), []) for k in v}
+        fds = sorted(k for k in present if k.startswith("fd_") and not k.endswith("_ratio"))
+        keys[d] = fds[-1] if fds else ("w2" if "w2" in present else None)
+    rows, any_value = [], False
+    for m in methods:
+        if m == reference:
+            continue
+        row = [(m, False)]
+        for d in datasets:
+            ours, theirs = (mean_of(x, d, keys[d]) if keys[d] else None for x in (m, reference))
+            if ours is None or not theirs:
+                row.append(("–", False))
+                continue
+            any_value = True
+            nfe, ref_nfe = mean_of(m, d, "nfe"), mean_of(reference, d, "nfe")
+            steps = f" (NFE {fmt(nfe)} vs {fmt(ref_nfe)})" if nfe is not None and ref_nfe is not None else ""
+            row.append((f"{fmt(ours / theirs)}{steps}", ours <= theirs))
+        rows.append(row)
+    if not any_value:
+        return None
+    notes = [f"Each entry is the method's headline metric divided by that of the reference method {reference!r} "
+             "on the same dataset, budget and protocol (means over seeds); below 1 the method is better. Bold: "
+             "no worse than the reference. Metrics: " + ", ".join(f"{d}: {keys[d]}" for d in datasets) + "."]
+    return Table(["method", *datasets], rows, notes=notes)
