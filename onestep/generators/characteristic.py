@@ -30,8 +30,8 @@ object with ``velocity(x, t)`` through :meth:`set_teacher`. **Student** (stage 2
 
 Resuming: the stage is saved in the checkpoint; stage 2 starts at the first batch with
 ``global_step >= teacher_steps`` (teacher := its EMA, frozen; student := teacher copy; EMA restarted).
-Under DDP a two-stage run needs ``strategy=ddp_find_unused_parameters_true`` (each stage leaves the
-other network without gradients).
+Each stage leaves the other network without gradients, so under DDP ``onestep fit`` switches on DDP's
+unused-parameter search (``trains_in_stages``).
 """
 
 from __future__ import annotations

@@ -51,13 +51,14 @@ kernel steps only; ``dae`` = the autoencoder projection: restore :math:`G(F(\til
 net D) counts as **one** evaluation, the decoder pass as one: ``nfe = K + 1`` (lmppm), ``1`` (kernel_only),
 ``2K + 1`` (dae). The kernel step uses no network but :math:`O(N d)` per sample; :meth:`cost` itemises.
 :meth:`extra_eval_metrics` logs the nearest-neighbour distance of (re-encoded) generated samples to the
-bank next to that of held-out codes (memorisation check). Under DDP use
-``strategy=ddp_find_unused_parameters_true``: each stage leaves the other stage's networks without gradients.
+bank next to that of held-out codes (memorisation check). Each stage leaves the other stage's networks
+without gradients, so under DDP ``onestep fit`` switches on DDP's unused-parameter search
+(``trains_in_stages``). The latent-space pieces live in :mod:`onestep.generators.latent_flow`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,77 +66,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from onestep.generators.base import OneStepGenerator, _check
+from onestep.generators.latent_flow import (  # noqa: F401 - kernel_mean and projection_step are re-exported
+    kernel_mean,
+    kernel_step,
+    nn_distance,
+    nn_median_bandwidth,
+    projection_step,
+    silverman_bandwidth,
+    sne_alignment,
+)
 from onestep.nets import build_backbone
 
 MODES = ("lmppm", "kernel_only", "dae")
 BANDWIDTH_RULES = ("silverman", "nn_median")
-
-
-# ---------------------------------------------------------------------------------------- flow pieces
-def projection_step(z: Tensor, distance: Callable[[Tensor], Tensor], eta_d: float = 1.0,
-                    create_graph: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``z - eta_d * d(z) * grad d / |grad d|``; returns (new z, d (B,), grad d (B, d)).
-
-    The gradient is normalised (clamped at 1e-6) so one unit step reaches the zero set of an exact
-    distance function even where the learned one is not unit-gradient.
-    """
-    with torch.enable_grad():
-        z_in = z if create_graph else z.detach().requires_grad_(True)
-        d = distance(z_in).reshape(len(z))
-        (g,) = torch.autograd.grad(d.sum(), z_in, create_graph=create_graph)
-    n = g / g.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    out = z_in - eta_d * d[:, None] * n
-    return (out, d, g) if create_graph else (out.detach(), d.detach(), g.detach())
-
-
-def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
-    return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)).clamp_min(0)
-
-
-def kernel_mean(z: Tensor, bank: Tensor, h: float | Tensor) -> Tensor:
-    """Mean-shift target ``m(z) = sum_i softmax_i(-|z - z_i|^2 / 2h^2) z_i`` (softmax: no underflow far away)."""
-    return torch.softmax(-_sq_dist(z, bank) / (2 * h * h), dim=1) @ bank
-
-
-def kernel_step(z: Tensor, bank: Tensor, h: float | Tensor, alpha: float) -> Tensor:
-    """``z + alpha * (m(z) - z)``, i.e. ``z + alpha h^2 grad log P_ker(z)`` for the Gaussian KDE on ``bank``."""
-    return z + alpha * (kernel_mean(z, bank, h) - z)
-
-
-def nn_distance(z: Tensor, bank: Tensor, chunk: int = 2048) -> Tensor:
-    """Euclidean distance of each row of ``z`` to its nearest row of ``bank`` (B,)."""
-    return torch.cat([_sq_dist(part, bank).min(1).values.sqrt() for part in z.split(chunk)])
-
-
-def silverman_bandwidth(codes: Tensor) -> float:
-    """Isotropic Silverman rule ``s * (4 / ((d + 2) N))^(1 / (d + 4))``, ``s`` the RMS per-dimension std."""
-    n, d = codes.shape
-    spread = codes.std(0).square().mean().sqrt().item()
-    return spread * (4.0 / ((d + 2) * n)) ** (1.0 / (d + 4))
-
-
-def nn_median_bandwidth(codes: Tensor, chunk: int = 1024) -> float:
-    """Median distance of each code to its nearest *other* code."""
-    mins = []
-    for start in range(0, len(codes), chunk):
-        sq = _sq_dist(codes[start:start + chunk], codes)
-        rows = torch.arange(sq.shape[0], device=codes.device)
-        sq[rows, rows + start] = float("inf")
-        mins.append(sq.min(1).values.sqrt())
-    return torch.cat(mins).median().item()
-
-
-def sne_alignment(x: Tensor, z: Tensor) -> Tensor:
-    """``mean_i KL(p_{.|i} || q_{.|i})``, SNE neighbourhoods of pixels ``x`` and codes ``z`` (scale: median distance)."""
-    off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
-
-    def log_neighbours(v: Tensor) -> Tensor:
-        sq = _sq_dist(v, v)
-        scale2 = sq.detach()[off].median().clamp_min(1e-12)  # squared median pairwise distance
-        return torch.log_softmax((-sq / (2 * scale2)).masked_fill(~off, float("-inf")), dim=1)
-
-    log_p, log_q = log_neighbours(x.flatten(1)), log_neighbours(z)
-    return (log_p.exp() * (log_p - log_q))[off].reshape(len(x), -1).sum(1).mean()
 
 
 # ---------------------------------------------------------------------------------------- the module
