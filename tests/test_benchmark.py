@@ -361,3 +361,98 @@ def test_sigterm_finishes_the_running_cell_then_stops_the_suite(tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) is before and len(read_records(tmp_path / "out/results.jsonl")) == 1
     records = run_suite(load_suite(suite_path), tmp_path / "out", log=lambda *a, **k: None)
     assert [r["seed"] for r in records] == [1]
+
+
+KILLER_GENERATOR = '''
+import os, signal
+import torch
+from onestep.generators.base import OneStepGenerator
+
+
+class Killer(OneStepGenerator):
+    """Dies (SIGKILL) at its first training step, as an out-of-memory kill would."""
+
+    def __init__(self, data_shape=(2,), **base):
+        super().__init__(data_shape=data_shape, **base)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def loss(self, x, idx):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def generate(self, n, generator=None):
+        return self.randn(n, generator=generator)
+'''
+
+
+def test_parallel_workers_run_every_cell_once_and_record_a_killed_worker(tmp_path, monkeypatch):
+    """--jobs 2: every cell in its own process, one record each (appended concurrently, no torn line), a
+    worker killed mid-cell recorded as failed by the parent, then a rerun trains nothing."""
+    (tmp_path / "userpkg_killer").mkdir()
+    (tmp_path / "userpkg_killer" / "__init__.py").write_text("")
+    (tmp_path / "userpkg_killer" / "killer.py").write_text(KILLER_GENERATOR)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    methods = [{"name": "fm", "config": str(REPO / "configs/flow_matching"), "overrides": {"model.init_args.steps": 2}},
+               {"name": "otnfm", "config": str(REPO / "configs/otnfm")},
+               {"name": "killer", "class_path": "userpkg_killer.killer.Killer"}]
+    suite = write_suite(tmp_path / "suite.yaml", methods, seeds=(0, 1), steps=10)
+    out = tmp_path / "out"
+    assert benchmark_main(["--suite", str(suite), "--out", str(out), "--jobs", "2", "--threads", "1",
+                           "--no-report"]) == 0
+    assert all(line.endswith(b"}") for line in lines_of(out) if line)  # whole lines only
+    records = read_records(out / "results.jsonl")
+    assert sorted((r["method"], r["seed"], r["status"]) for r in records) == [
+        ("fm", 0, "ok"), ("fm", 1, "ok"), ("killer", 0, "failed"), ("killer", 1, "failed"),
+        ("otnfm", 0, "ok"), ("otnfm", 1, "ok")]
+    killed = next(r for r in records if r["method"] == "killer")
+    assert "killed by SIGKILL" in killed["error"] and (out / "logs" / "killer-8gaussians-s0.log").is_file()
+    assert benchmark_main(["--suite", str(suite), "--out", str(out), "--jobs", "2", "--methods", "fm", "otnfm",
+                           "--no-report"]) == 0
+    assert len(read_records(out / "results.jsonl")) == 6  # finished cells are not run again
+
+
+TERM_PARENT_GENERATOR = '''
+import os, signal
+import torch
+from onestep.generators.base import OneStepGenerator
+
+
+class TermParent(OneStepGenerator):
+    """A mean-and-scale fit that, when ONESTEP_TEST_TERM is set, sends SIGTERM to the benchmark parent at
+    step 3 of seed 0 (a scheduler pre-empting the job while two workers train)."""
+
+    def __init__(self, data_shape=(2,), **base):
+        super().__init__(data_shape=data_shape, **base)
+        self.mu = torch.nn.Parameter(torch.zeros(*self.data_shape))
+
+    def loss(self, x, idx):
+        if os.environ.get("ONESTEP_TEST_TERM") and self.global_step == 3 and torch.initial_seed() == 0:
+            os.kill(os.getppid(), signal.SIGTERM)
+        return (x - self.mu).square().mean()
+
+    def generate(self, n, generator=None):
+        return self.mu + self.randn(n, generator=generator)
+'''
+
+
+def test_sigterm_to_a_parallel_run_stops_the_workers_and_a_rerun_resumes(tmp_path, monkeypatch):
+    (tmp_path / "userpkg_term").mkdir()
+    (tmp_path / "userpkg_term" / "__init__.py").write_text("")
+    (tmp_path / "userpkg_term" / "term.py").write_text(TERM_PARENT_GENERATOR)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    suite = write_suite(tmp_path / "suite.yaml", [{"name": "term", "class_path": "userpkg_term.term.TermParent"}],
+                        seeds=(0, 1, 2), steps=3000)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "onestep.cli", "benchmark", "--suite", str(suite), "--out", str(out),
+               "--jobs", "2", "--threads", "1", "--no-report"]
+    first = subprocess.run(command, env={**os.environ, "ONESTEP_TEST_TERM": "1"}, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "stopped by SIGTERM" in first.stdout, first.stdout
+    assert not (out / "logs" / "term-8gaussians-s2.log").exists()  # no cell is started after the signal
+    assert not any(r["status"] == "ok" and r["budget"]["used"]["steps"] == 3000
+                   for r in read_records(out / "results.jsonl") if r["seed"] == 0)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    latest = {r["seed"]: r for r in read_records(out / "results.jsonl")}
+    assert all(latest[s]["status"] == "ok" and latest[s]["budget"]["used"]["steps"] == 3000 for s in (0, 1, 2))
+    assert latest[0]["resumed_from"]  # the interrupted cell went on from its checkpoint

@@ -11,7 +11,8 @@ Output directory::
 Rerunning the same command skips every cell whose last record is ``ok`` under the same specification
 (fingerprint of method, dataset, seed, budget, protocol and overrides), retries failed cells, and resumes a
 cell that was interrupted during training from its ``last.ckpt``. A failing cell is recorded with its error
-and traceback tail and the suite goes on.
+and traceback tail and the suite goes on. ``--jobs N`` runs N cells at once in worker processes
+(:mod:`onestep.benchmark.parallel`).
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ def estimate_left(remaining: list[Cell], durations: dict[str, list[float]]) -> f
 
 
 def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | None = None,
-              cells: list[Cell] | None = None, quiet: bool = True, log=print) -> list[dict[str, Any]]:
-    """Run every unfinished cell (in suite order), appending each record as soon as it exists."""
+              cells: list[Cell] | None = None, quiet: bool = True, log=print, jobs: int = 1,
+              threads: int | None = None) -> list[dict[str, Any]]:
+    """Run every unfinished cell (in suite order), appending each record as soon as it exists; with
+    ``jobs > 1`` in that many worker processes at once (:mod:`onestep.benchmark.parallel`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = suite.cells() if cells is None else cells
@@ -119,7 +122,26 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
     start, durations, records = time.perf_counter(), {}, []
     stop, previous = _install_stop_handler()
     try:
-        _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop)
+        if jobs > 1:
+            if not suite.path:
+                raise ValueError("--jobs > 1 needs a suite loaded from a file (the workers read it)")
+            from onestep.benchmark.parallel import run_cells_in_workers
+
+            finished: set[tuple[str, str, int]] = set()
+
+            def report(cell: Cell, record: dict[str, Any] | None, seconds: float) -> None:
+                finished.add(cell.key)
+                if record is None:
+                    log(f"{cell.run_name}: interrupted, its last.ckpt is kept (rerun to resume)", flush=True)
+                    return
+                records.append(record)
+                _log_cell(log, len(records), len(todo), cell, record, seconds, start, durations,
+                          [c for c in todo if c.key not in finished], jobs)
+
+            run_cells_in_workers(suite, suite.path, todo, out_dir, jobs, threads,
+                                 wandb.get("project", "onestep") if wandb else None, stop, report)
+        else:
+            _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -152,21 +174,28 @@ def _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, record
         record = run_cell(suite, cell, out_dir, wandb=wandb, quiet=quiet)
         append_record(out_dir / RESULTS_FILE, record)
         records.append(record)
-        durations.setdefault(cell.method.name, []).append(time.perf_counter() - cell_start)
-        elapsed = time.perf_counter() - start
-        left = estimate_left(todo[i:], durations)
-        if record["status"] == "ok":
-            m = record["metrics"]
-            quality = next((f"{k}={m[k]:.4g}" for k in ("w2", "fd_lenet-mnist", "fd_lenet-fashion", "fd_pixels")
-                            if m.get(k) is not None), "")
-            used = record["budget"]["used"]
-            what = f"ok {quality} nfe={record.get('nfe')} steps={used['steps']} train={used['seconds']:.1f}s"
-        else:
-            what = f"FAILED {record.get('error', '').splitlines()[0][:160]}"
-        log(f"[{i}/{len(todo)}] {cell.run_name}: {what} | cell {_duration(durations[cell.method.name][-1])}, "
-            f"elapsed {_duration(elapsed)}, left ~{_duration(left)}", flush=True)
+        _log_cell(log, i, len(todo), cell, record, time.perf_counter() - cell_start, start, durations, todo[i:])
         if stop["signal"] is not None:
             return
+
+
+def _log_cell(log, i: int, total: int, cell: Cell, record: dict[str, Any], seconds: float, start: float,
+              durations: dict[str, list[float]], remaining: list[Cell], jobs: int = 1) -> None:
+    """One progress line: the cell's result, its wall clock, the suite's elapsed time and the time left
+    (the remaining cells at their method's mean cost, divided among the workers)."""
+    durations.setdefault(cell.method.name, []).append(seconds)
+    elapsed = time.perf_counter() - start
+    left = estimate_left(remaining, durations) / max(1, min(jobs, len(remaining)))
+    if record["status"] == "ok":
+        m = record["metrics"]
+        quality = next((f"{k}={m[k]:.4g}" for k in ("w2", "fd_lenet-mnist", "fd_lenet-fashion", "fd_pixels")
+                        if m.get(k) is not None), "")
+        used = record["budget"]["used"]
+        what = f"ok {quality} nfe={record.get('nfe')} steps={used['steps']} train={used['seconds']:.1f}s"
+    else:
+        what = f"FAILED {record.get('error', '').splitlines()[0][:160]}"
+    log(f"[{i}/{total}] {cell.run_name}: {what} | cell {_duration(seconds)}, elapsed {_duration(elapsed)}, "
+        f"left ~{_duration(left)}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the suite's "
                         "threads, else torch's choice; 1 avoids oversubscription on a shared machine); recorded")
     parser.add_argument("--verbose", action="store_true", help="keep Lightning's info messages")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (on GPUs: "
+                        "worker k uses GPU k mod count); combine with --threads so jobs x threads <= cores")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one cell, for --jobs
     return parser
 
 
@@ -202,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.out or Path("results") / suite.name)
     wandb = {"project": args.wandb_project} if args.wandb else None
+    if args.jobs < 1:
+        print(f"onestep benchmark: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     if args.dry_run:
         done = finished_cells(out_dir, suite)
         for cell in cells:
@@ -219,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    if args.worker:  # a cell of a parallel run: the parent records the invocation and writes the report
+        run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, log=lambda *a, **k: None)
+        return 0
     record_invocation(out_dir, suite, argv)
-    run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose)
+    run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, jobs=args.jobs, threads=threads)
     if not args.no_report:
         from onestep.benchmark.report import write_report
 
