@@ -141,3 +141,20 @@ def test_prefetch_off_or_loader_workers_pair_inline():
     model = OTNFM(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]})
     fit_quietly(model, OneStepDataModule("8gaussians", batch_size=64, n_train=256, num_workers=1), steps=2)
     assert model._pairing is None  # a worker process could not reach the model's queue
+
+
+def test_the_next_batch_is_submitted_before_the_current_one_is_trained(monkeypatch):
+    """The overlap itself: when step s takes its pairing, batch s + 1 has already been collated and handed
+    to the background thread (Lightning does not prefetch a loader with a length; the data module does)."""
+    events = []
+    submit, take = PairingPipeline.submit, PairingPipeline.take
+    monkeypatch.setattr(PairingPipeline, "submit", lambda self, x1, idx, draw: (events.append("submit"),
+                                                                               submit(self, x1, idx, draw))[1])
+    monkeypatch.setattr(PairingPipeline, "take", lambda self, idx: (events.append("take"), take(self, idx))[1])
+    model = OTNFM(data_shape=(2,), backbone={"name": "mlp", "hidden": [16]})
+    fit_quietly(model, OneStepDataModule("8gaussians", batch_size=64, n_train=256), steps=6)  # 1.5 epochs
+    takes = [i for i, e in enumerate(events) if e == "take"]
+    assert len(takes) == 6 and model._pairing.misses == 0
+    for step, position in enumerate(takes):
+        submitted = events[:position].count("submit")
+        assert submitted >= step + 2 or step in (3, 5), (step, events)  # ahead, except at a pass's last batch

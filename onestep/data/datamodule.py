@@ -94,14 +94,32 @@ class _PositionedLoader(DataLoader):
 
     owner: "OneStepDataModule | None" = None
     last_iterator = None
+    #: collate the next batch before handing out the current one (Lightning does not prefetch a loader
+    #: with a length), so a batch hook's background work overlaps the current training step
+    lookahead = False
+    _held = 0  # batches collated by the lookahead and not handed out yet
 
     def __iter__(self):
+        if self._held:  # a pass abandoned with a batch collated ahead (Lightning cut the epoch short):
+            self.sampler.handed_out -= self._held * self.batch_size  # hand its indices back to the stream
+            self._held = 0
         self.last_iterator = super().__iter__()
-        return self.last_iterator
+        return self._ahead(self.last_iterator) if self.lookahead else self.last_iterator
+
+    def _ahead(self, iterator):
+        self._held = 0
+        for batch in iterator:
+            if self._held:
+                yield held
+            held, self._held = batch, 1
+        if self._held:
+            self._held = 0
+            yield held
 
     def _not_trained_batches(self) -> int:
         it = self.last_iterator  # multi-process iterators count batches sent to and received from workers
         in_flight = max(0, getattr(it, "_send_idx", 0) - getattr(it, "_rcvd_idx", 0)) if it is not None else 0
+        in_flight += self._held
         trainer = getattr(self.owner, "trainer", None)
         loop = getattr(trainer, "fit_loop", None)
         if loop is None:
@@ -315,6 +333,7 @@ class OneStepDataModule(L.LightningDataModule):
             generator=generator,
         )
         loader.owner = self  # reads the fit loop's progress when the position is saved
+        loader.lookahead = isinstance(loader.collate_fn, _HookedCollate)
         return loader
 
     def __repr__(self) -> str:
