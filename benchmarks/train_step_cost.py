@@ -94,11 +94,15 @@ class StepTimers(Callback):
         return last
 
 
+def plugin_classes(obj) -> list[type]:
+    """The plugin's own classes and mixins: its MRO up to ``OneStepGenerator`` (the framework's)."""
+    mro = type(obj).__mro__
+    return list(mro[:mro.index(OneStepGenerator)])
+
+
 def plugin_methods(obj) -> list[str]:
     names = []
-    for cls in type(obj).__mro__:
-        if cls is OneStepGenerator or not issubclass(cls, OneStepGenerator):
-            break
+    for cls in plugin_classes(obj):
         for name, value in vars(cls).items():
             if inspect.isfunction(value) and not name.startswith("__") and name not in SKIP and name not in names:
                 names.append(name)
@@ -117,7 +121,7 @@ def install(model, timers: StepTimers) -> list[tuple[object, str, object]]:
         if child is not model and isinstance(child, OneStepGenerator):  # a nested teacher / stage model
             for name in plugin_methods(child):
                 setattr(child, name, timers.wrap(f"{child_name}.{name}", getattr(child, name)))
-    modules = {type(model).__module__}
+    modules = {cls.__module__ for cls in plugin_classes(model)}
     for value in vars(sys.modules[type(model).__module__]).values():
         if inspect.isfunction(value) and value.__module__.startswith("onestep"):
             modules.add(value.__module__)

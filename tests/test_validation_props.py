@@ -113,12 +113,23 @@ def _case_id(case) -> str:
     return f"{case[0]}.{case[2]}"
 
 
-@pytest.mark.parametrize("owner, build, option, invalid, valid", [pytest.param(*c, id=_case_id(c)) for c in CASES])
-@SETTINGS
-@given(data=st.data())
+def _every_option(test):
+    """Parametrise over every (owner, option) case and draw the value with hypothesis."""
+    parametrize = pytest.mark.parametrize("owner, build, option, invalid, valid",
+                                          [pytest.param(*c, id=_case_id(c)) for c in CASES])
+    return parametrize(SETTINGS(given(data=st.data())(test)))
+
+
+
+def _extra_kwargs(owner: str, option: str) -> dict:
+    """noise_std only applies to a manifold with its own noise level."""
+    return {"dataset": "rings2d"} if owner == "OneStepDataModule" and option == "noise_std" else {}
+
+
+@_every_option
 def test_out_of_range_values_are_refused_by_name(owner, build, option, invalid, valid, data):
     value = data.draw(invalid, label=option)
-    kwargs = {"dataset": "rings2d"} if owner == "OneStepDataModule" and option == "noise_std" else {}
+    kwargs = _extra_kwargs(owner, option)
     with pytest.raises(ValueError) as refused:
         build(**kwargs, **{option: value})
     message = str(refused.value)
@@ -129,11 +140,9 @@ def test_out_of_range_values_are_refused_by_name(owner, build, option, invalid, 
     assert any(s in message for s in shown), (value, message)
 
 
-@pytest.mark.parametrize("owner, build, option, invalid, valid", [pytest.param(*c, id=_case_id(c)) for c in CASES])
-@SETTINGS
-@given(data=st.data())
+@_every_option
 def test_in_range_values_construct(owner, build, option, invalid, valid, data):
     value = data.draw(valid, label=option)
-    kwargs = {"dataset": "rings2d"} if owner == "OneStepDataModule" and option == "noise_std" else {}
+    kwargs = _extra_kwargs(owner, option)
     built = build(**kwargs, **{option: value})
     assert built.hparams[option] == value  # kept as given (and recorded in checkpoints)

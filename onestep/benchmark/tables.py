@@ -196,8 +196,7 @@ def reference_table(values: dict[tuple[str, str], list[dict[str, float]]], metho
     keys = {}
     for d in datasets:
         present = {k for m in methods for v in values.get((m, d), []) for k in v}
-        fds = sorted(k for k in present if k.startswith("fd_") and not k.endswith("_ratio"))
-        keys[d] = fds[-1] if fds else ("w2" if "w2" in present else None)
+        keys[d] = primary_metric({k: None for k in sorted(present) if not k.endswith("_ratio")})
     rows, any_value = [], False
     for m in methods:
         if m == reference:

@@ -250,3 +250,25 @@ def paired_noise(x1: Tensor, idx: Tensor | None, pipeline: PairingPipeline | Non
     """Minibatch-OT noise for ``x1``: from the pipeline when it solved this batch, else solved here."""
     x0 = pipeline.take(idx) if pipeline is not None and idx is not None else None
     return minibatch_ot(torch.randn_like(x1), x1) if x0 is None else x0.to(x1)
+
+
+class PrefetchedPairing:
+    """Mixin for a plugin with a ``minibatch`` coupling (attributes ``coupling``, ``data_shape``): in
+    ``fit`` its pairing is solved one batch ahead by a :class:`PairingPipeline` unless
+    ``prefetch_pairing`` is False; :meth:`minibatch_noise` returns the paired noise of a batch."""
+
+    prefetch_pairing: bool = True
+    _pairing: PairingPipeline | None = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.coupling == "minibatch" and self.prefetch_pairing and self._pairing is None:
+            self._pairing = attach_pairing(self, self.data_shape)
+
+    def teardown(self, stage: str) -> None:
+        if self._pairing is not None:
+            self._pairing.close()
+        super().teardown(stage)
+
+    def minibatch_noise(self, x1: Tensor, idx: Tensor | None) -> Tensor:
+        return paired_noise(x1, idx, self._pairing)

@@ -21,14 +21,14 @@ import torch
 from torch import Tensor
 
 from onestep.generators.base import OneStepGenerator, _check
-from onestep.generators.coupling import attach_pairing, paired_noise
+from onestep.generators.coupling import PrefetchedPairing
 from onestep.nets import build_backbone
 
 SAMPLERS = ("euler", "heun")
 FM_COUPLINGS = ("independent", "minibatch")
 
 
-class FlowMatching(OneStepGenerator):
+class FlowMatching(PrefetchedPairing, OneStepGenerator):
     """Conditional flow matching with an Euler or Heun sampler at ``steps`` steps."""
 
     def __init__(
@@ -49,15 +49,7 @@ class FlowMatching(OneStepGenerator):
         _check(sigma >= 0, f"sigma must be >= 0, got {sigma}")
         self.coupling, self.sampler, self.steps, self.sigma = coupling, sampler, steps, sigma
         self.net = build_backbone(backbone, self.data_shape)
-        self.prefetch_pairing, self._pairing = prefetch_pairing, None
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.coupling == "minibatch" and self.prefetch_pairing and self._pairing is None:
-            self._pairing = attach_pairing(self, self.data_shape)
-
-    def teardown(self, stage: str) -> None:
-        if self._pairing is not None:
-            self._pairing.close()
+        self.prefetch_pairing = prefetch_pairing
 
     @property
     def nfe(self) -> int:  # type: ignore[override]
@@ -69,7 +61,7 @@ class FlowMatching(OneStepGenerator):
         return self.net(x, t)
 
     def loss(self, x1: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        x0 = paired_noise(x1, idx, self._pairing) if self.coupling == "minibatch" else torch.randn_like(x1)
+        x0 = self.minibatch_noise(x1, idx) if self.coupling == "minibatch" else torch.randn_like(x1)
         t = torch.rand(len(x1), device=x1.device)
         tb = t.view(-1, *([1] * (x1.dim() - 1)))
         xt = (1 - tb) * x0 + tb * x1

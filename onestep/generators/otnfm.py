@@ -29,14 +29,14 @@ import torch
 from torch import Tensor
 
 from onestep.generators.base import OneStepGenerator, _check
-from onestep.generators.coupling import COUPLINGS, NoiseBank, attach_pairing, paired_noise
+from onestep.generators.coupling import COUPLINGS, NoiseBank, PrefetchedPairing
 from onestep.nets import FlowMap, build_backbone
 from onestep.nets.time import FLOW_TIME_EMBEDDINGS
 
 LOSSES = ("position", "velocity")
 
 
-class OTNFM(OneStepGenerator):
+class OTNFM(PrefetchedPairing, OneStepGenerator):
     """One-step flow map trained on OT-coupled linear paths."""
 
     nfe = 1
@@ -74,7 +74,7 @@ class OTNFM(OneStepGenerator):
         net = build_backbone(spec, self.data_shape)
         self.flow = net if spec.get("name") == "resnet_flow" else FlowMap(net, time_fn=time_fn)
         self.bank: NoiseBank | None = None
-        self.prefetch_pairing, self._pairing = prefetch_pairing, None
+        self.prefetch_pairing = prefetch_pairing
 
     # ------------------------------------------------------------------ coupling state
     def _make_bank(self, n_data: int) -> NoiseBank:
@@ -83,8 +83,7 @@ class OTNFM(OneStepGenerator):
         return self.bank
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.coupling == "minibatch" and self.prefetch_pairing and self._pairing is None:
-            self._pairing = attach_pairing(self, self.data_shape)
+        super().setup(stage)  # PrefetchedPairing
         if self.coupling not in ("global", "online") or self.bank is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -95,10 +94,6 @@ class OTNFM(OneStepGenerator):
         bank = self._make_bank(len(data))
         if self.coupling == "global":
             bank.solve_global(data, max_size=self.global_max_size)
-
-    def teardown(self, stage: str) -> None:
-        if self._pairing is not None:
-            self._pairing.close()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -111,7 +106,7 @@ class OTNFM(OneStepGenerator):
         if self.coupling == "independent":
             return torch.randn_like(x1)
         if self.coupling == "minibatch":
-            return paired_noise(x1, idx, self._pairing)
+            return self.minibatch_noise(x1, idx)
         if self.bank is None:
             raise RuntimeError(f"coupling={self.coupling!r}: the noise bank was not built (setup() not run)")
         if self.coupling == "global":
