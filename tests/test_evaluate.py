@@ -103,14 +103,13 @@ def test_evaluate_takes_protocol_overrides_and_refuses_a_bad_file(trained, tmp_p
     assert "broken.ckpt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config, match", [
-    ("configs/otnfm/8gaussians.yaml", r"model FlowMatching \(checkpoint\) vs OTNFM \(configuration\)"),
-    ("configs/flow_matching/moons2d.yaml", r"dataset 8gaussians \(checkpoint\) vs moons2d \(configuration\)"),
+@pytest.mark.parametrize("method, config, match", [
+    ("otnfm", "8gaussians", r"model FlowMatching \(checkpoint\) vs OTNFM \(configuration\)"),
+    ("flow_matching", "moons2d", r"dataset 8gaussians \(checkpoint\) vs moons2d \(configuration\)"),
 ])
-def test_fit_refuses_a_checkpoint_of_another_model_or_dataset(config, match, trained, tmp_path):
+def test_fit_refuses_a_checkpoint_of_another_model_or_dataset(method, config, match, trained, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=match + ".*config.yaml"):
-        main(["fit", "--config", str(REPO / config), "--ckpt_path", str(trained["flow_matching"]),
-              "--out_dir", str(tmp_path)])
+        main(fit_args(method, tmp_path, config) + ["--ckpt_path", str(trained["flow_matching"])])
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
