@@ -144,3 +144,10 @@ def test_help_lists_every_command_and_version(capsys):
     assert all(name in out for name in ("fit", "evaluate", "benchmark", "report", "train-features"))
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("onestep 0.")
     assert main(["validate"]) == 2 and "unknown command 'validate'" in capsys.readouterr().err
+
+
+def test_resuming_with_other_model_arguments_warns_which_ones_the_checkpoint_replaces(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(OneStepCLI, "_run_subcommand", lambda cli, name: None)  # parsing is what is checked
+    args = fit_args("otnfm", tmp_path) + ["--ckpt_path", str(trained["otnfm"]), "--model.init_args.lr", "0.01"]
+    with pytest.warns(UserWarning, match=r"replace the configuration's: lr=0.001 \(configuration: 0.01\)"):
+        main(args)
