@@ -1,10 +1,17 @@
 """The ``onestep`` command.
 
-* ``onestep fit|validate|test --config configs/<method>/<dataset>.yaml [--trainer.max_steps N ...]``:
-  LightningCLI; every option can be overridden on the command line, ``--print_config`` shows the result.
+* ``onestep fit --config configs/<method>/<dataset>.yaml [--trainer.max_steps N ...]``: LightningCLI;
+  every option can be overridden on the command line, ``--print_config`` shows the result.
+  ``--ckpt_path FILE`` resumes a checkpoint of the same model class, dataset and data shape (another is
+  refused before training); ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run's versions.
+* ``onestep evaluate --ckpt_path FILE [--eval.*]``: the evaluation protocol on a checkpoint's EMA weights,
+  model and data rebuilt from the checkpoint; one line per metric, a record appended to the run's
+  ``eval.jsonl``.
 * ``onestep benchmark --suite configs/suites/<name>.yaml --out <dir>``: methods x datasets x seeds.
 * ``onestep report <dir>``: tables and figures of a benchmark directory.
 * ``onestep train-features <dataset>``: train the LeNet feature network used for Fréchet distances.
+* ``onestep --help`` lists the commands, ``onestep --version`` prints the version. Lightning's
+  ``validate``/``test``/``predict`` are not offered (these models have no validation or predict step).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from onestep.callbacks import EvaluationCallback
 from onestep.callbacks.fault import NonFiniteGuard, PreemptionCheckpoint, check_checkpoint_file
 from onestep.callbacks.loggers import make_loggers
 from onestep.callbacks.reliability import ExactCheckpoint, ResumableRNG
+from onestep.checkpoints import check_data_shape, check_fit_checkpoint, resolve_last
 from onestep.data import OneStepDataModule
 from onestep.generators import OneStepGenerator
 
@@ -65,6 +73,11 @@ def _plain_ddp(trainer_cfg: Any) -> bool:
 class OneStepCLI(LightningCLI):
     """LightningCLI with the datamodule's shape linked into the model, evaluation and loggers."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # only `fit`: Lightning's validate/test/predict need steps these models do not have (`onestep evaluate`)
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
         parser.add_lightning_class_args(EvaluationCallback, "eval")
@@ -97,6 +110,8 @@ class OneStepCLI(LightningCLI):
             raise ValueError(f"trainer.max_steps={max_steps} is not allowed; use an integer >= 1 "
                              "(or -1 with trainer.max_epochs set)")
         self.datamodule.setup("fit")  # reads (and validates) the data files now, not mid-run
+        if getattr(self, "_ckpt_identity", None) is not None:
+            check_data_shape(self._ckpt_identity, self.datamodule.data_shape)
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then report a missing, truncated or corrupted ``--ckpt_path`` before it is read (LightningCLI
@@ -104,10 +119,14 @@ class OneStepCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         cfg = self.config.get(subcommand) if subcommand else None
+        if cfg is not None:
+            resolve_last(cfg)  # `last`: the newest last.ckpt of this run's versions, or an error
         path = cfg.get("ckpt_path") if cfg is not None else None
         if path and str(path) not in ("last", "best", "hpc", "registry"):
             weights_only = cfg.get("weights_only")
             check_checkpoint_file(path, weights_only=True if weights_only is None else bool(weights_only))
+        # refuse a checkpoint of another model class or dataset now: LightningCLI would let its hyperparameters win
+        self._ckpt_identity = check_fit_checkpoint(cfg) if path else None
 
 
 def run_lightning(args: list[str] | None = None, run: bool = True) -> OneStepCLI:
@@ -118,10 +137,44 @@ def run_lightning(args: list[str] | None = None, run: bool = True) -> OneStepCLI
     )
 
 
+#: every subcommand with its one-line description (`onestep --help`)
+COMMANDS = {
+    "fit": "train one model: onestep fit --config configs/<method>/<dataset>.yaml [--trainer.* --model.* ...]",
+    "evaluate": "score a checkpoint under the evaluation protocol: onestep evaluate --ckpt_path PATH [--eval.*]",
+    "benchmark": "train and evaluate methods x datasets x seeds: onestep benchmark --suite SUITE.yaml",
+    "report": "tables and figures of a benchmark directory: onestep report DIR",
+    "train-features": "train the LeNet feature network of Fréchet distances: onestep train-features DATASET",
+}
+
+
+def print_help() -> None:
+    from onestep import __version__
+
+    print(f"usage: onestep {{{','.join(COMMANDS)}}} ... | --version\n\nonestep {__version__}: train, evaluate and "
+          "compare one-step generative models.\n\ncommands:")
+    for name, text in COMMANDS.items():
+        print(f"  {name:<15} {text}")
+    print("\n`onestep <command> --help` lists the options of a command.")
+
+
 def main(argv: list[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
+    if command in ("", "-h", "--help"):
+        print_help()
+        return 0
+    if command in ("-V", "--version"):
+        from onestep import __version__
+        print(f"onestep {__version__}")
+        return 0
+    if command == "evaluate":
+        from onestep.evaluate import main as evaluate_main
+        return evaluate_main(argv[1:])
+    if not command.startswith("-") and command not in COMMANDS:
+        print(f"onestep: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
+              "(`onestep --help`)", file=sys.stderr)
+        return 2
     if command == "benchmark":
         from onestep.benchmark.runner import main as benchmark_main
         return benchmark_main(argv[1:])

@@ -210,6 +210,7 @@ def test_wandb_offline_run_has_metrics_and_picture(tmp_path, monkeypatch):
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # joins the W&B service process: the run file is complete and closed (finish may not flush it)
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
     history = next(run_dir.glob("run-*.wandb")).read_bytes()  # the offline run's protobuf records
     assert b"eval/w2" in history and b"eval/offmanifold" in history and b"eval/samples" in history

@@ -186,16 +186,61 @@ def _nfe_sweep(model, datamodule, eval_cb, suite: Suite) -> list[dict[str, Any]]
     return out
 
 
-def _tag_wandb(trainer, cell: Cell) -> None:
-    """Add the suite's method name (and base name of a grid variant) to the W&B run's tags."""
+def _tag_wandb(trainer, suite: Suite, cell: Cell) -> None:
+    """Tag the W&B run with the suite's method name (and base name of a grid variant), dataset and seed,
+    and put them in its config as top-level keys, so that the W&B workspace groups and filters by them.
+    (The run starts lazily at the first log, after this.)"""
     for logger in trainer.loggers:
         init = getattr(logger, "_wandb_init", None)
         if isinstance(init, dict):
             tags = list(init.get("tags") or [])
-            for tag in (cell.method.name, cell.method.base_name, cell.dataset):
+            for tag in (cell.method.name, cell.method.base_name, cell.dataset, f"seed{cell.seed}"):
                 if tag and tag not in tags:
                     tags.append(tag)
             init["tags"] = tags
+            init["config"] = {**(init.get("config") or {}), **_cell_identity(suite, cell)}
+
+
+def _cell_identity(suite: Suite, cell: Cell) -> dict[str, Any]:
+    return {"suite": suite.name, "method": cell.method.name, "base_method": cell.method.base_name or cell.method.name,
+            "variant": cell.method.variant, "dataset": cell.dataset, "seed": cell.seed}
+
+
+def _wandb_summary(record: dict[str, Any], eval_cb) -> dict[str, Any]:
+    """The cell's W&B run summary: status, and the headline metric (FD in the last feature space, else W2;
+    lower is better) at the end and at its best evaluation."""
+    from onestep.benchmark.tables import primary_metric
+
+    status = record["status"] if record["status"] == "ok" or record.get("error") else "interrupted"
+    summary: dict[str, Any] = {"status": status}
+    if record.get("error"):
+        summary["error"] = record["error"][:500]
+    metrics = record.get("metrics") or {}
+    key = primary_metric(metrics)
+    if status != "ok" or key is None:
+        return summary
+    summary.update({"headline_metric": key, f"final/{key}": metrics[key], "final/step": record["budget"]["used"]["steps"],
+                    "nfe": record.get("nfe"), "training_seconds": record["timing"]["training_seconds"]})
+    history = [(h["metrics"][f"eval/{key}"], h["step"]) for h in (eval_cb.history if eval_cb else [])
+               if h["metrics"].get(f"eval/{key}") is not None]
+    if history:
+        summary[f"best/{key}"], summary["best/step"] = min(history)
+    return summary
+
+
+def _finish_wandb(trainer, suite: Suite, cell: Cell, record: dict[str, Any], eval_cb) -> None:
+    """Close the cell's W&B run (so the next cell of this process gets its own), with its summary; the
+    identity keys are written again because Lightning's flat hyperparameter logging overwrote ``seed``
+    (the data module's own seed) after the run started."""
+    from onestep.callbacks.loggers import finish_wandb_runs
+
+    if trainer is None:
+        return
+    try:
+        finish_wandb_runs(trainer.loggers, _wandb_summary(record, eval_cb), config=_cell_identity(suite, cell),
+                          failed=record["status"] != "ok")
+    except Exception as err:  # noqa: BLE001 - W&B trouble must not turn a finished cell into a failure
+        warnings.warn(f"{record['run_name']}: could not finish the W&B run: {err}")
 
 
 @contextlib.contextmanager
@@ -232,6 +277,7 @@ def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | No
         "versions": package_versions(), "machine": machine_info(), "status": "failed"}
     caught: list[warnings.WarningMessage] = []
     phase = "configuration"
+    trainer = eval_cb = None
     try:
         with _quiet(quiet), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
@@ -255,7 +301,7 @@ def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | No
             log_dir = Path(trainer.log_dir)
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / "cell.json").write_text(json.dumps({"fingerprint": fingerprint, "cell": cell.run_name}))
-            _tag_wandb(trainer, cell)
+            _tag_wandb(trainer, suite, cell)
             clock = CellClock(suite.budget.seconds)
             trainer.callbacks.append(clock)
             eval_cb = _find_eval_callback(trainer)
@@ -292,6 +338,8 @@ def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | No
         record["error"] = f"{phase}: {type(err).__name__}: {error_summary(str(err))}"[:1000]
         record["error_detail"] = str(err)[:4000]
         record["traceback"] = "".join(traceback.format_exc().splitlines(keepends=True)[-25:])
+    finally:
+        _finish_wandb(trainer, suite, cell, record, eval_cb)
     # library deprecation notices say nothing about the result; keep what does (e.g. few-sample FD)
     record["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught
                                  if not issubclass(w.category, (DeprecationWarning, FutureWarning))

@@ -51,3 +51,26 @@ def make_loggers(save_dir: str | os.PathLike, name: str, wandb: bool = False, pr
                                config=dict(config) if config else None,
                                version=str(version) if version is not None else None))
     return loggers
+
+
+def finish_wandb_runs(loggers: Sequence[Logger], summary: Mapping[str, Any] | None = None,
+                      config: Mapping[str, Any] | None = None, failed: bool = False) -> int:
+    """Write ``summary`` into the run summary (and ``config`` into the config, replacing what Lightning's
+    flat hyperparameter logging put under the same keys, e.g. the data module's ``seed``) of every
+    ``WandbLogger`` that started a run, then finish it.
+
+    One process that trains several models (a single-process ``onestep benchmark``) must do this between
+    them: ``wandb.init`` while a run is active returns that run, so every later model would log into the
+    first one's run. Returns the number of runs finished."""
+    finished = 0
+    for logger in loggers:
+        run = getattr(logger, "_experiment", None)  # only a run that was started; never start one here
+        if run is None or type(logger).__name__ != "WandbLogger":
+            continue
+        if config:
+            run.config.update(dict(config), allow_val_change=True)
+        if summary:
+            run.summary.update(dict(summary))
+        run.finish(exit_code=1 if failed else 0)
+        finished += 1
+    return finished
