@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,8 @@ MUTATIONS: list[Mutation] = [
     Mutation("rng_state_not_restored", "onestep/callbacks/reliability.py",
              "            restore_rng_state(ranks[trainer.global_rank])\n            return\n",
              "            return\n",
-             ("tests/test_resume.py::test_resume_equals_uninterrupted_mid_epoch_and_after_a_stop",),
+             ("tests/test_resume.py::test_resume_equals_uninterrupted_mid_epoch_and_after_a_stop"
+              "[flow_matching-independent]",),
              "RNG state not restored on resume"),
     Mutation("nan_guard_on_loss_only", "onestep/callbacks/fault.py",
              "if bad is None and self.check_grads and not scaled:", "if False:",
@@ -179,11 +181,21 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
            "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
     start = time.perf_counter()
+    # a session of its own, so that a hung run is ended with everything it spawned (DDP ranks, workers)
+    proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return "timeout", time.perf_counter() - start, ""
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of a finished run (none when the tests are tidy)
+        except ProcessLookupError:
+            pass
+    tail = output.strip().splitlines()[-1:] or [""]
     return ("passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})"), time.perf_counter() - start, tail[0]
 
 
