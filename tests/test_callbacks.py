@@ -197,7 +197,7 @@ def test_lenet_fd_of_mnist_train_against_test_through_the_callback(tmp_path):
 
     data = OneStepDataModule("mnist", batch_size=64, n_train=2000, n_test=2000, root=str(SHARED_DATA))
     callback = EvaluationCallback(every_n_steps=None, n_samples=2000, pictures=False, feature_space="lenet-mnist",
-                                  cache_dir=str(tmp_path / "cache"))
+                                  cache_dir=str(tmp_path / "cache"), w2_max_samples=256)  # W2 not under test
     fit(tmp_path, MnistTrainImages(), data, callback, max_steps=1)
     lenet = get_feature_extractor("lenet-mnist")
     train01, test01 = data.denormalize(data.train_data[:2000].float()), data.reference("test", 2000)
