@@ -398,7 +398,8 @@ def test_parallel_workers_run_every_cell_once_and_record_a_killed_worker(tmp_pat
     out = tmp_path / "out"
     assert benchmark_main(["--suite", str(suite), "--out", str(out), "--jobs", "2", "--threads", "1",
                            "--no-report"]) == 0
-    assert all(line.endswith(b"}") for line in lines_of(out) if line)  # whole lines only
+    lines = [line for line in lines_of(out) if line]
+    assert len(lines) == 6 and all(json.loads(line)["status"] for line in lines)  # whole records only
     records = read_records(out / "results.jsonl")
     assert sorted((r["method"], r["seed"], r["status"]) for r in records) == [
         ("fm", 0, "ok"), ("fm", 1, "ok"), ("killer", 0, "failed"), ("killer", 1, "failed"),

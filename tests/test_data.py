@@ -179,6 +179,26 @@ def test_read_idx_valid_wrong_magic_truncated(tmp_path):
         read_idx(tmp_path / "short.gz")
 
 
+def test_read_idx_refuses_trailing_bytes(tmp_path):
+    """A file longer than its header says is not silently cut: the extra bytes mean another layout."""
+    path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((2, 3, 4), dtype=np.uint8))
+    path.write_bytes(path.read_bytes() + b"\x00" * 7)
+    with pytest.raises(ValueError, match=r"x-idx3-ubyte.*needs 40 bytes, file has 47"):
+        read_idx(path)
+
+
+def test_mnist_images_and_labels_of_different_counts_are_refused(tmp_path):
+    raw = tmp_path / "mnist" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", np.zeros((5, 28, 28), dtype=np.uint8))
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.zeros(4, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"do not match: images \(5, 28, 28\), labels \(4,\)"):
+        load_mnist(tmp_path, "test")
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(5, dtype=np.uint8))
+    images, labels = load_mnist(tmp_path, "test")
+    assert images.shape == (5, 1, 28, 28) and labels.tolist() == [0, 1, 2, 3, 4]
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
@@ -262,7 +282,11 @@ def test_datamodule_synthetic_splits_and_loader():
     x, idx = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.float32 and idx.dtype == torch.int64 and torch.equal(dm.train_data[idx], x)
     assert torch.equal(dm.reference("test", 50), dm.test_data[:50])
-    assert dm.reference("val", 500).shape == (500, 3)
+    # beyond the stored split: fresh draws from the split's own seed (reproducible, not the test split's)
+    val = dm.reference("val", 500)
+    assert val.shape == (500, 3) and torch.equal(val, again.reference("val", 500))
+    assert not torch.isclose(val[:, None], dm.reference("test", 500)[None]).all(-1).any()
+    assert dm.manifold.distance(val).median() < 3 * dm.manifold.noise_std + 1e-3  # on the torus, not elsewhere
     small = OneStepDataModule("rings2d", batch_size=64, n_train=10)
     assert [len(i) for _, i in small.train_dataloader()] == [10]  # no drop_last below one batch
     assert OneStepDataModule("8gaussians").n_train == 20000

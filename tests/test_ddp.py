@@ -18,7 +18,9 @@ What should agree, and why:
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,7 @@ from onestep.cli import run_lightning
 from onestep.generators.coupling import hashed_normal
 from onestep.generators.flow_matching import FlowMatching
 from onestep.generators.otnfm import OTNFM
+from onestep.metrics import sliced_wasserstein, wasserstein2
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
 
@@ -138,10 +141,19 @@ def test_two_processes_match_one_process_and_write_files_once(ddp_runs, tmp_path
     one_metrics = _eval_records(Path(one.trainer.log_dir))[-1]["metrics"]
     ddp_metrics = ddp_records[-1]["metrics"]
     assert ddp_metrics["eval/nfe"] == one_metrics["eval/nfe"] == 8
-    # same model, half of the 1024 samples different: W2 and SW2 agree within their sampling error (a few
-    # tenths of a percent was measured on this protocol; 10% allowed)
-    for key in ("eval/w2", "eval/sw2"):
-        assert abs(ddp_metrics[key] - one_metrics[key]) < 0.1 * one_metrics[key], (key, ddp_metrics, one_metrics)
+    # same model, half of the 1024 samples different: W2 and SW2 agree within their sampling error, measured
+    # here as the spread of the one-process model's metrics over 5 other sampling seeds (4 sigma of the
+    # difference of two independent estimates; the two runs share half their samples, so this is loose)
+    protocol = ddp_records[-1]["protocol"]
+    reference = one.datamodule.reference("test", 1024)
+    spread: dict[str, list[float]] = {"eval/w2": [], "eval/sw2": []}
+    for seed in range(100, 105):
+        fake = one.datamodule.denormalize(one.model.sample_chunked(1024, generator=torch.Generator().manual_seed(seed)))
+        spread["eval/w2"].append(float(wasserstein2(fake, reference, protocol["w2_max_samples"], 0)))
+        spread["eval/sw2"].append(float(sliced_wasserstein(fake, reference, protocol["sw_projections"], 0)))
+    for key, values in spread.items():
+        tolerance = 4 * 2 ** 0.5 * statistics.stdev(values)
+        assert abs(ddp_metrics[key] - one_metrics[key]) < tolerance, (key, ddp_metrics[key], one_metrics[key], values)
 
 
 def test_online_bank_identical_on_every_rank_and_ranks_draw_different_noise(ddp_runs):
@@ -177,4 +189,9 @@ def test_two_stage_plugins_train_under_plain_ddp(tmp_path):
         records = [json.loads(line) for path in (tmp_path / name).rglob("eval.jsonl")
                    for line in path.read_text().splitlines()]
         assert len(records) == 1 and records[0]["step"] == 8, records  # written once, by rank 0, at the end
-        assert 0 < records[0]["metrics"]["eval/w2"] < 50, records[0]["metrics"]
+        metrics, protocol = records[0]["metrics"], records[0]["protocol"]
+        assert protocol["world_size"] == 2 and protocol["n_samples"] == 256
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        # 8 steps barely train (4.9 measured for the characteristic student): real samples of a network,
+        # neither equal to the data (W2 ~0) nor exploded
+        assert 0.1 < metrics["eval/w2"] < 20 and 0 <= metrics["eval/coverage"] <= 1, metrics

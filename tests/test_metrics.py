@@ -187,10 +187,24 @@ def test_manifold_stats_known_distances():
     assert got["mean"].item() == pytest.approx((0 + 0.5 + 0.05 + 1) / 4) and got["offmanifold"].item() == 0.5
 
 
-def test_measure_sampling_speed_reports_machine():
+def test_measure_sampling_speed_reports_machine(monkeypatch):
+    import types
+
+    import onestep.metrics.speed as speed
+
+    # a fake clock that only sampling advances: warm-up calls take 9 s, the timed ones 1, 4 and 2 s
+    clock = types.SimpleNamespace(now=0.0, durations=iter([9.0, 9.0, 1.0, 4.0, 2.0]))
+    monkeypatch.setattr(speed, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
     calls = []
-    out = measure_sampling_speed(lambda n: calls.append(n) or torch.zeros(n, 2), 64, warmup=2, repeats=3)
-    assert calls == [64] * 5 and out["samples_per_s"] > 0 and len(out["seconds_all"]) == 3
+
+    def sample(n):
+        calls.append(n)
+        clock.now += next(clock.durations)
+        return torch.zeros(n, 2)
+
+    out = measure_sampling_speed(sample, 64, warmup=2, repeats=3)
+    assert calls == [64] * 5 and out["seconds_all"] == [1.0, 4.0, 2.0]  # warm-up calls are not timed
+    assert out["seconds"] == 2.0 and out["samples_per_s"] == 32.0  # n / median, not mean or fastest
     assert {"processor", "cpu_count", "torch_threads"} <= set(out["machine"])
 
 

@@ -140,6 +140,25 @@ def test_resume_equals_uninterrupted_mid_epoch_and_after_a_stop(method, tmp_path
     assert all(torch.equal(x, y) for x, y in zip(continued, seen[stop:], strict=True))
 
 
+def test_resume_is_exact_with_dataloader_workers(tmp_path):
+    """Two loader workers keep up to 4 batches prefetched (prefetch_factor 2 each): those were handed out
+    by the sampler but not trained on, so the checkpoint's position must leave them out."""
+    def build_with_workers():
+        L.seed_everything(0, verbose=False)
+        dm = OneStepDataModule("8gaussians", batch_size=16, n_train=256, seed=3, num_workers=2)
+        return FlowMatching(data_shape=dm.data_shape, backbone=TINY, steps=2, ema_decay=0.9), dm
+
+    model, dm = build_with_workers()
+    trainer, seen = fit(model, dm, 10, tmp_path / "full", every=5)
+    full = training_state(trainer, model)
+    position = torch.load(tmp_path / "full" / "step5.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]
+    assert position["combined_loader"][0]["position"]["samples_seen"] == 5 * 16  # trained, not prefetched
+    model, dm = build_with_workers()
+    trainer, resumed = fit(model, dm, 10, tmp_path / "b", ckpt_path=tmp_path / "full" / "step5.ckpt")
+    assert_same_state(full, training_state(trainer, model))
+    assert len(resumed) == 5 and all(torch.equal(x, y) for x, y in zip(resumed, seen[5:], strict=True))
+
+
 def test_checkpoint_content_is_complete_and_weights_only_safe(tmp_path):
     model, dm = build("otnfm-online")
     trainer, _ = fit(model, dm, 6, tmp_path, every=6)
