@@ -29,6 +29,7 @@ from onestep.callbacks.loggers import make_loggers
 from onestep.callbacks.reliability import ExactCheckpoint, ResumableRNG
 from onestep.checkpoints import check_data_shape, check_fit_checkpoint, resolve_last
 from onestep.data import OneStepDataModule
+from onestep.errors import check_config_files, check_writable_dir, report_errors, take_debug_flag
 from onestep.generators import OneStepGenerator
 
 #: The trainer defaults every method shares (one place; a config or the command line overrides them).
@@ -70,6 +71,12 @@ def _plain_ddp(trainer_cfg: Any) -> bool:
         return False
 
 
+def _check_max_steps(max_steps: Any) -> None:
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise ValueError(f"--trainer.max_steps={max_steps} is not allowed; use an integer >= 1 "
+                         "(or -1 with --trainer.max_epochs set)")
+
+
 class OneStepCLI(LightningCLI):
     """LightningCLI with the datamodule's shape linked into the model, evaluation and loggers."""
 
@@ -77,6 +84,12 @@ class OneStepCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # only `fit`: Lightning's validate/test/predict need steps these models do not have (`onestep evaluate`)
         return {"fit": LightningCLI.subcommands()["fit"]}
+
+    def init_parser(self, **kwargs: Any):
+        # a bad option raises (reported by onestep.errors as one line) instead of printing usage and exiting
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
@@ -90,6 +103,7 @@ class OneStepCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_writable_dir("--out_dir", cfg.get("out_dir", "runs"))
         if cfg.trainer.get("logger") in (None, True):
             method = type(self.model).__name__.lower()
             name = cfg.get("run_name") or f"{method}-{self.datamodule.dataset}"
@@ -103,12 +117,14 @@ class OneStepCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse a bad step count before anything is built (Lightning's own message names no option)."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        _check_max_steps(cfg.trainer.get("max_steps"))
+
     def before_fit(self) -> None:
         """Fail before any training: bad step counts, missing or corrupted data files."""
-        max_steps = self.trainer.max_steps
-        if max_steps == 0 or max_steps < -1:
-            raise ValueError(f"trainer.max_steps={max_steps} is not allowed; use an integer >= 1 "
-                             "(or -1 with trainer.max_epochs set)")
+        _check_max_steps(self.trainer.max_steps)
         self.datamodule.setup("fit")  # reads (and validates) the data files now, not mid-run
         if getattr(self, "_ckpt_identity", None) is not None:
             check_data_shape(self._ckpt_identity, self.datamodule.data_shape)
@@ -158,8 +174,16 @@ def print_help() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every subcommand; an error becomes one line ``onestep: error: ...`` and exit status 2 (``--debug``:
+    the traceback), see :mod:`onestep.errors`."""
     from_sys = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    if from_sys:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
+    return report_errors(lambda: _run_command(argv, from_sys), debug)
+
+
+def _run_command(argv: list[str], from_sys: bool) -> int:
     command = argv[0] if argv else ""
     if command in ("", "-h", "--help"):
         print_help()
@@ -185,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         from onestep.metrics.features import main_train_features
         main_train_features(argv[1:])
         return 0
+    check_config_files(argv)
     cli = run_lightning(None if from_sys else argv)
     trainer = getattr(cli, "trainer", None)
     if trainer is not None and trainer.is_global_zero:

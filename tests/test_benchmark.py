@@ -93,7 +93,7 @@ def ok_records(out: Path) -> dict[str, dict]:
 
 def test_suite_end_to_end_writes_results_report_and_figures(suite_run):
     out = suite_run["out"]
-    assert suite_run["code"] == 0
+    assert suite_run["code"] == 1  # the "broken" cell failed: the exit status says so
     records = read_records(out / "results.jsonl")
     assert sorted((r["method"], r["status"]) for r in records) == [
         ("broken", "failed"), ("fm", "ok"), ("mine", "ok"), ("otnfm", "ok")]
@@ -397,7 +397,7 @@ def test_parallel_workers_run_every_cell_once_and_record_a_killed_worker(tmp_pat
     suite = write_suite(tmp_path / "suite.yaml", methods, seeds=(0, 1), steps=10)
     out = tmp_path / "out"
     assert benchmark_main(["--suite", str(suite), "--out", str(out), "--jobs", "2", "--threads", "1",
-                           "--no-report"]) == 0
+                           "--no-report"]) == 1  # the killed cells failed
     lines = [line for line in lines_of(out) if line]
     assert len(lines) == 6 and all(json.loads(line)["status"] for line in lines)  # whole records only
     records = read_records(out / "results.jsonl")

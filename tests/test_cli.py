@@ -1,6 +1,5 @@
 """The `onestep` command: configs for every method, overrides, and errors before any training."""
 
-import gzip
 import json
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, needs_mnist
+from conftest import REPO, needs_mnist
 from onestep.cli import main, run_lightning
 
 QUIET = ["--trainer.enable_progress_bar", "false"]
@@ -54,41 +53,8 @@ def test_print_config_resolves_overrides():
     assert "steps: 7" in out.stdout and "batch_size: 64" in out.stdout and "FlowMatching" in out.stdout
 
 
-@pytest.mark.parametrize("override, error, match", [
-    (["--data.dataset", "nope"], ValueError, "nope"),
-    (["--data.batch_size", "0"], ValueError, "batch_size"),
-    (["--trainer.max_steps", "0"], ValueError, "max_steps"),
-    (["--model.init_args.backbone", "{name: unet}"], (ValueError, SystemExit), None),
-])
-def test_bad_input_fails_before_training(override, error, match, tmp_path):
-    args = tiny_fit_args(REPO / "configs/otnfm/8gaussians.yaml", tmp_path) + override
-    with pytest.raises(error, match=match):
-        main(args)
-    assert not list(tmp_path.rglob("*.ckpt"))
-
-
-def test_unknown_method_is_a_parse_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(tiny_fit_args(REPO / "configs/otnfm/8gaussians.yaml", tmp_path)
-             + ["--model.class_path", "onestep.generators.NoSuchMethod"])
-    assert "NoSuchMethod" in capsys.readouterr().err
-
-
-def test_missing_data_file_names_the_path_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)train-images.*--data.root"):
-        main(tiny_fit_args(REPO / "configs/otnfm/mnist.yaml", tmp_path) + ["--data.root", str(tmp_path / "none")])
-
-
-@needs_mnist
-def test_corrupted_idx_file_is_reported(tmp_path):
-    raw = tmp_path / "mnist" / "raw"
-    raw.mkdir(parents=True)
-    for name in ["train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]:
-        (raw / name).write_bytes((SHARED_DATA / "mnist" / "raw" / name).read_bytes())
-    good = gzip.decompress((SHARED_DATA / "mnist" / "raw" / "train-images-idx3-ubyte.gz").read_bytes())
-    (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(good[: len(good) // 3]))  # truncated
-    with pytest.raises(ValueError, match="(?i)corrupt|truncat"):
-        main(tiny_fit_args(REPO / "configs/otnfm/mnist.yaml", tmp_path / "out") + ["--data.root", str(tmp_path)])
+# bad input (unknown dataset, batch 0, max_steps 0, a UNet on vectors, an unknown method, missing or truncated
+# data files, ...) is covered case by case, through main(argv), in tests/test_bad_input.py
 
 
 def test_a_plugin_outside_the_package_runs_through_the_cli(tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, capsys):
             "--model.class_path", "test_faults.NaNFlowMatching", "--model.init_args.nan_from_step", "7",
             "--model.init_args.backbone", "{name: mlp, hidden: [16, 16]}", "--model.init_args.steps", "2",
             "--data.batch_size", "32", "--data.n_train", "256", "--trainer.max_steps", "20",
-            *checkpoint_every(5), *QUIET]
+            *checkpoint_every(5), *QUIET, "--debug"]  # --debug: the exception itself, not the one-line report
     with pytest.raises(NonFiniteLossError) as failure:
         main(args)
     message = str(failure.value)
@@ -189,7 +189,7 @@ def test_onestep_fit_refuses_a_truncated_checkpoint_before_training(good_checkpo
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(good_checkpoint.read_bytes()[:-200])
     args = ["fit", "--config", str(REPO / "configs/flow_matching/moons2d.yaml"), "--out_dir", str(tmp_path / "o"),
-            "--trainer.max_steps", "3", "--ckpt_path", str(broken), *QUIET]
+            "--trainer.max_steps", "3", "--ckpt_path", str(broken), *QUIET, "--debug"]
     with pytest.raises(ValueError, match=rf"checkpoint {broken} .*truncated or corrupted.*earlier checkpoint"):
         main(args)
     assert not list((tmp_path / "o").rglob("*.ckpt"))

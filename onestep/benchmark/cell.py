@@ -109,13 +109,12 @@ def find_resume_checkpoint(run_root: Path, fingerprint: str) -> Path | None:
 
 
 def error_summary(message: str) -> str:
-    """The informative part of an error: jsonargparse wraps a constructor's ``ValueError`` in a long
-    "Does not validate against any of the Union subtypes" report; keep the constructor's own messages."""
-    if "Errors:" not in message:
-        return message.strip()
-    reasons = [line.strip()[2:] for line in message.split("Errors:", 1)[1].splitlines()
-               if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
-    return "; ".join(reasons) or message.strip()
+    """The informative part of an error, on one line: jsonargparse wraps a constructor's ``ValueError`` in a
+    long "Does not validate against any of the Union subtypes" report; keep the option and the constructor's
+    own messages (:func:`onestep.errors.summarize`)."""
+    from onestep.errors import summarize
+
+    return summarize(message)
 
 
 def _find_eval_callback(trainer):

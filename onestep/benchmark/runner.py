@@ -51,6 +51,26 @@ def require_wandb() -> None:
                           "(or pip install 'onestep[wandb]'); runs stay offline unless a W&B key is configured") from err
 
 
+def check_class_path(method) -> None:
+    """Refuse a ``class_path`` method whose class cannot be imported or is not a generator (``--dry-run``
+    reports it; a run records the cell as failed with the same reason)."""
+    if method.class_path is None:
+        return
+    import importlib
+
+    from onestep.generators import OneStepGenerator
+
+    module_name, _, class_name = method.class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"method {method.name!r}: class_path {method.class_path!r} cannot be imported ({err}); "
+                         "give module.Class of an importable module (on PYTHONPATH)") from None
+    if not (isinstance(cls, type) and issubclass(cls, OneStepGenerator)):
+        raise ValueError(f"method {method.name!r}: class_path {method.class_path!r} is not a OneStepGenerator "
+                         "subclass; give module.Class of a generator (see docs/contracts.md)")
+
+
 def finished_cells(out_dir: Path, suite: Suite) -> set[tuple[str, str, int]]:
     """Cells whose latest record is ``ok`` and was produced under the current specification."""
     latest = latest_by_cell(read_records(out_dir / RESULTS_FILE))
@@ -193,7 +213,7 @@ def _log_cell(log, i: int, total: int, cell: Cell, record: dict[str, Any], secon
         used = record["budget"]["used"]
         what = f"ok {quality} nfe={record.get('nfe')} steps={used['steps']} train={used['seconds']:.1f}s"
     else:
-        what = f"FAILED {record.get('error', '').splitlines()[0][:160]}"
+        what = "FAILED " + " ".join(record.get("error", "").split())  # the whole reason, on one line
     log(f"[{i}/{total}] {cell.run_name}: {what} | cell {_duration(seconds)}, elapsed {_duration(elapsed)}, "
         f"left ~{_duration(left)}", flush=True)
 
@@ -238,14 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onestep benchmark: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     if args.dry_run:
-        done = finished_cells(out_dir, suite)
+        done, doomed = finished_cells(out_dir, suite), 0
         for cell in cells:
             try:
+                check_class_path(cell.method)
                 command = "onestep fit " + " ".join(cell_args(suite, cell, out_dir, wandb))
-            except FileNotFoundError as err:
-                command = f"(will fail: {err})"
+            except (FileNotFoundError, ValueError) as err:
+                command, doomed = f"(will fail: {err})", doomed + 1
             print(f"{'done' if cell.key in done else 'todo'}  {cell.run_name}: {command}")
-        return 0
+        if doomed:
+            print(f"onestep benchmark: error: {doomed} of {len(cells)} cells will fail (see 'will fail' above); "
+                  "fix the suite before running it", file=sys.stderr)
+        return 1 if doomed else 0
     threads = args.threads if args.threads is not None else suite.threads
     if threads is not None:
         if threads < 1:
@@ -258,10 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, log=lambda *a, **k: None)
         return 0
     record_invocation(out_dir, suite, argv)
-    run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, jobs=args.jobs, threads=threads)
+    records = run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, jobs=args.jobs,
+                        threads=threads)
     if not args.no_report:
         from onestep.benchmark.report import write_report
 
         paths = write_report(out_dir, wandb=wandb)
         print(f"onestep benchmark: report {paths['md']} and {paths['html']}")
+    failed = [r["run_name"] for r in records if r.get("status") != "ok"]
+    if failed:  # a script or CI must see that the suite is incomplete
+        print(f"onestep benchmark: error: {len(failed)} cell(s) failed: {', '.join(failed)}; their errors are in "
+              f"{out_dir / RESULTS_FILE}; fix them and rerun the same command (finished cells are kept)",
+              file=sys.stderr)
+        return 1
     return 0

@@ -124,6 +124,16 @@ class Protocol:
             _fail("eval.nfe_sweep", f"must be a non-empty list of integers >= 1, got {list(self.nfe_sweep)!r}")
         if isinstance(self.final_samples, bool) or not isinstance(self.final_samples, int) or self.final_samples < 1:
             _fail("eval.final_samples", f"must be an integer >= 1, got {self.final_samples!r}")
+        # the callback's own checks (e.g. n_samples >= prdc_k + 1), so a bad protocol fails at load, not per cell
+        from onestep.callbacks.evaluation import check_evaluation_options
+
+        checked = _allowed(check_evaluation_options)
+        defaults = {k: p.default for k, p in inspect.signature(EvaluationCallback.__init__).parameters.items()
+                    if k in checked}
+        try:
+            check_evaluation_options(**{**defaults, **{k: v for k, v in self.options.items() if k in checked}})
+        except ValueError as err:
+            _fail("eval", str(err).replace("--eval.", "eval."))
 
     def cli_args(self) -> list[str]:
         return [f"--eval.{k}={to_cli_value(v)}" for k, v in sorted(self.options.items())]
@@ -380,5 +390,7 @@ def load_suite(path: str | Path) -> Suite:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"suite {path}: not valid YAML: {err}") from err
+        from onestep.errors import describe_yaml_error
+
+        raise ValueError(f"suite {path}: {describe_yaml_error(err)}") from None
     return suite_from_dict(raw, str(path))

@@ -20,6 +20,7 @@ Results go to every logger (rank 0) and, as one JSON line ``{"step", "metrics", 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -31,9 +32,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from onestep.callbacks.visuals import save_image_grid, save_scatter
+from onestep.data.datamodule import SPLITS
 from onestep.metrics import (PRDC, FrechetDistance, ManifoldDistance, SlicedWasserstein2, Wasserstein2,
                              check_feature_space, get_feature_extractor, reference_features, sha256_file)
-from onestep.metrics.features import WEIGHTS_DIR
+from onestep.metrics.features import FEATURES, WEIGHTS_DIR
 
 LENET_FOR_DATASET = {"mnist": "lenet-mnist", "fashion": "lenet-fashion", "fashion_mnist": "lenet-fashion",
                      "fashion-mnist": "lenet-fashion", "fashionmnist": "lenet-fashion"}
@@ -45,8 +47,57 @@ def split_counts(n: int, world_size: int) -> list[int]:
     return [n // world_size + (1 if r < n % world_size else 0) for r in range(world_size)]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_evaluation_options(every_n_steps: Any, n_samples: Any, reference_split: Any, feature_space: Any,
+                             w2_max_samples: Any, offmanifold_threshold: Any, seed: Any, prdc_k: Any,
+                             sw_projections: Any, chunk_size: Any) -> None:
+    """Refuse a bad evaluation option when the callback is built, i.e. before training: an option that only
+    fails at the first evaluation would cost the whole run (the final evaluation comes after the last step).
+
+    ``n_samples >= prdc_k + 1``: PRDC's k-NN radius of a real point needs k other real points."""
+    def bad(option: str, value: Any, allowed: str) -> ValueError:
+        return ValueError(f"--eval.{option}={value!r} is not allowed; use {allowed}")
+
+    if every_n_steps is not None and (not _is_int(every_n_steps) or every_n_steps < 0):
+        raise bad("every_n_steps", every_n_steps, "an integer >= 1 (evaluate every N optimizer steps), "
+                  "or 0 / null for no periodic evaluation (the final one is --eval.at_end)")
+    if not _is_int(prdc_k) or prdc_k < 1:
+        raise bad("prdc_k", prdc_k, "an integer >= 1 (neighbours of the PRDC radius)")
+    if not _is_int(n_samples) or n_samples < prdc_k + 1:
+        raise bad("n_samples", n_samples, f"an integer >= {prdc_k + 1} (PRDC with --eval.prdc_k={prdc_k} needs "
+                  f"k + 1 samples; a few thousand give stable metrics)")
+    if reference_split not in SPLITS:
+        raise bad("reference_split", reference_split, f"one of {', '.join(SPLITS)}")
+    names = [feature_space] if isinstance(feature_space, str) else feature_space
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise bad("feature_space", feature_space, f"a name or a list of names among {', '.join(sorted(FEATURES))}"
+                      ", or null (the dataset's default)")
+        unknown = [n for n in names if n not in FEATURES]
+        if unknown:
+            raise bad("feature_space", feature_space, f"names among {', '.join(sorted(FEATURES))}, or null (the "
+                      f"dataset's default); unknown: {', '.join(unknown)}")
+    if w2_max_samples is not None and (not _is_int(w2_max_samples) or w2_max_samples < 2):
+        raise bad("w2_max_samples", w2_max_samples, "an integer >= 2, or null (all samples; exact OT is cubic)")
+    if (isinstance(offmanifold_threshold, bool) or not isinstance(offmanifold_threshold, (int, float))
+            or not math.isfinite(offmanifold_threshold) or offmanifold_threshold <= 0):
+        raise bad("offmanifold_threshold", offmanifold_threshold, "a finite number > 0 (a distance in data units)")
+    if not _is_int(seed) or seed < 0:
+        raise bad("seed", seed, "an integer >= 0")
+    for option, value in (("sw_projections", sw_projections), ("chunk_size", chunk_size)):
+        if not _is_int(value) or value < 1:
+            raise bad(option, value, "an integer >= 1")
+
+
 class EvaluationCallback(Callback):
-    """Evaluate the EMA generator every ``every_n_steps`` optimizer steps and at the end of training."""
+    """Evaluate the EMA generator every ``every_n_steps`` optimizer steps and at the end of training.
+
+    ``every_n_steps``: 0 or ``None`` turns periodic evaluation off (``at_end`` still evaluates after the last
+    step); negative values are refused. Every option is checked when the callback is built (before training).
+    """
 
     def __init__(self, every_n_steps: int | None = 1000, n_samples: int = 2048, reference_split: str = "test",
                  feature_space: str | Sequence[str] | None = None, w2_max_samples: int | None = 2048,
@@ -54,6 +105,10 @@ class EvaluationCallback(Callback):
                  prdc_k: int = 5, sw_projections: int = 256, chunk_size: int = 4096,
                  feature_weights_path: str | None = None, cache_dir: str | None = None):
         super().__init__()
+        check_evaluation_options(every_n_steps=every_n_steps, n_samples=n_samples, reference_split=reference_split,
+                                 feature_space=feature_space, w2_max_samples=w2_max_samples,
+                                 offmanifold_threshold=offmanifold_threshold, seed=seed, prdc_k=prdc_k,
+                                 sw_projections=sw_projections, chunk_size=chunk_size)
         self.every_n_steps, self.n_samples, self.reference_split = every_n_steps, int(n_samples), reference_split
         self.feature_space = [feature_space] if isinstance(feature_space, str) else feature_space
         self.w2_max_samples, self.offmanifold_threshold, self.seed = w2_max_samples, offmanifold_threshold, seed

@@ -66,7 +66,8 @@ def _check_options(dataset, root, noise_std, seed, num_workers) -> None:
         raise ValueError(f"OneStepDataModule: unknown dataset={dataset!r}; known datasets: {', '.join(DATASETS)}")
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise ValueError(f"OneStepDataModule: root={root!r} is not allowed; use a folder path (str) or None")
-    if noise_std is not None and (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float))):
+    if noise_std is not None and (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float))
+                                  or not np.isfinite(noise_std) or noise_std < 0):
         raise ValueError(f"OneStepDataModule: noise_std={noise_std!r} is not allowed; use a finite number >= 0 "
                          "or None (the manifold's default)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
@@ -237,7 +238,20 @@ class OneStepDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
-        """Build `train_data`, `val_data`, `test_data` (normalised float32). Idempotent."""
+        """Build `train_data`, `val_data`, `test_data` (normalised float32). Idempotent. Before fitting, refuse
+        a batch larger than one process's share of the training set: the loader would silently shrink it to
+        the whole set (and an exact-OT coupling of that size can take minutes per step)."""
+        self._build_splits()
+        if stage == "fit":
+            world = distributed_context(self.trainer)[0]
+            share = len(self.train_data) // world
+            if self.batch_size > share:
+                per = f" per process ({world} processes)" if world > 1 else ""
+                raise ValueError(
+                    f"--data.batch_size={self.batch_size} is larger than the training set: {share} samples of "
+                    f"dataset={self.dataset!r}{per}; use --data.batch_size <= {share} or a larger --data.n_train")
+
+    def _build_splits(self) -> None:
         if self.train_data is not None:
             return
         if self.manifold is not None:

@@ -28,7 +28,9 @@ from generators it stores), and calls ``super()`` in any hook it overrides. Chec
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -111,7 +113,29 @@ def check_option_types(module: Any, options: Mapping[str, Any]) -> None:
     name = type(module).__name__
     for option, value in options.items():
         if option in hints and option != "return" and not _conforms(value, hints[option]):
-            raise ValueError(f"{name}: {option}={value!r} is not allowed; expected {_describe(hints[option])}")
+            stated = stated_range(type(module), option) if _non_finite(value) else None
+            also = f" ({option} must {stated})" if stated else ""
+            raise ValueError(f"{name}: {option}={value!r} is not allowed; expected {_describe(hints[option])}{also}")
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) and not math.isfinite(float(value))
+
+
+def stated_range(cls: type, option: str) -> str | None:
+    """The range an ``__init__`` of ``cls`` (or a base) states for ``option`` in its own check message
+    (``_check(lr > 0, f"lr must be > 0, got {lr}")`` gives ``be > 0``), so that ``nan``/``inf``, which fail
+    the type check before any range check runs, are answered with the allowed range too."""
+    pattern = re.compile(r"""["']""" + re.escape(option) + r""" must ([^"'{]+?), got""")
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        try:
+            found = pattern.search(inspect.getsource(init)) if init is not None else None
+        except (OSError, TypeError):  # no source (e.g. a compiled or interactive class)
+            continue
+        if found:
+            return found.group(1).strip()
+    return None
 
 
 class OneStepGenerator(L.LightningModule):

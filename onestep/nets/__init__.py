@@ -80,6 +80,12 @@ def _parse_spec(spec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> 
     if not isinstance(spec, Mapping):
         raise ValueError(f"build_backbone: spec must be a mapping {{'name': ..., **kwargs}}, a name or None, got {spec!r}")
     kwargs = dict(spec)
+    # YAML reads `{name:mlp}` (no space after the colon) as the key "name:mlp" with no value
+    glued = [k for k, v in kwargs.items() if isinstance(k, str) and ":" in k and v is None]
+    if glued:
+        fixed = ", ".join(k.replace(":", ": ", 1) for k in glued)
+        raise ValueError(f"build_backbone: spec {dict(spec)} has the key(s) {glued} without values: YAML needs "
+                         f"`key: value` with a space after the colon; write {{{fixed}}}")
     name = kwargs.pop("name", None)
     if name is None:
         raise ValueError(f"build_backbone: spec {dict(spec)} has no 'name'; choose one of {sorted(BACKBONES)}")
