@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         done = finished_cells(out_dir, suite)
         for cell in cells:
             try:
-                command = "onestep fit " + " ".join(cell_args(suite, cell, out_dir, wandb))
+                command = "onestep fit " + shlex.join(cell_args(suite, cell, out_dir, wandb))
             except FileNotFoundError as err:
                 command = f"(will fail: {err})"
             print(f"{'done' if cell.key in done else 'todo'}  {cell.run_name}: {command}")
