@@ -24,11 +24,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks.progress import ProgressBar
 
 from onestep.callbacks.visuals import headline_metrics
 
-__all__ = ["StepProgress", "Heartbeat", "quiet_lightning", "add_progress_bar", "format_duration", "eta_seconds"]
+__all__ = ["StepProgress", "Heartbeat", "HeartbeatCallback", "quiet_lightning", "add_progress_bar", "format_duration", "eta_seconds"]
 
 #: message fragments of Lightning's info lines that carry no information about the run
 CHATTER = ("GPU available:", "TPU available:", "HPU available:", "litlogger", "LitLogger")
@@ -77,6 +78,19 @@ class Heartbeat:
         line = f"  {self.label}: step {step}/{total if total is not None else '?'}, ETA {format_duration(eta)}"
         self.log(line)
         return line
+
+
+class HeartbeatCallback(Callback):
+    """A :class:`Heartbeat` after each training batch (rank 0): the step, out of ``max_steps``, and the ETA."""
+
+    def __init__(self, label: str, interval: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 log: Callable[[str], Any] | None = None) -> None:
+        self.heartbeat = Heartbeat(label, interval, clock, log)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero:
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            self.heartbeat.beat(trainer.global_step, total)
 
 
 class _ChatterFilter(logging.Filter):

@@ -109,13 +109,12 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, titl
     """Save ``(N, C, H, W)`` images in [0, 1] (C = 1 or 3) as one PNG grid, ``nrow`` images per row.
 
     With ``real`` (images of the data, same shape per image), its first ``nrow`` images make the top row,
-    set apart by a grey band and labelled "data", so samples can be judged against real images."""
+    set apart by a grey band (and named in the title), so samples can be judged against real images."""
     from matplotlib.figure import Figure
 
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"save_image_grid expects (N, 1|3, H, W) images, got shape {tuple(images.shape)}")
     grid = make_grid(images, nrow)
-    data_rows = 0
     if real is not None and len(real) > 0:
         if real.shape[1:] != images.shape[1:]:
             raise ValueError(f"save_image_grid: real images have shape {tuple(real.shape[1:])}, samples "
@@ -124,18 +123,15 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, titl
         if top.shape[1] < grid.shape[1]:  # fewer real images than columns: pad with white
             top = np.pad(top, ((0, 0), (0, grid.shape[1] - top.shape[1]), (0, 0)), constant_values=1.0)
         band = np.full((max(2, images.shape[2] // 7), grid.shape[1], grid.shape[2]), 0.5, dtype=np.float32)
-        data_rows = top.shape[0]
         grid = np.concatenate([top[:, :grid.shape[1]], band, grid])
+        title = (f"{title}\n" if title else "") + "top row: data; below it: samples"
     scale = max(1, 512 // max(grid.shape[:2]))  # small grids are upscaled with nearest-neighbour
     height, width = grid.shape[0] * scale, grid.shape[1] * scale
-    fig = Figure(figsize=(width / 100, height / 100 + (0.3 if title else 0)), dpi=100)
-    ax = fig.add_axes((0, 0, 1, height / (height + (30 if title else 0))))
+    title_px = 15 * (title.count("\n") + 1) + 10 if title else 0
+    fig = Figure(figsize=(width / 100, (height + title_px) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, height / (height + title_px)))
     ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
-    if data_rows:
-        ax.text(2, data_rows / 2, "data", color="#d62728", fontsize=7, va="center", ha="left", fontweight="bold")
-        ax.text(2, data_rows + 2 + images.shape[2] / 2, "samples", color="#1f77b4", fontsize=7, va="center",
-                ha="left", fontweight="bold")
     ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=8, y=0.995)
