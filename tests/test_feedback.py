@@ -86,6 +86,8 @@ def test_ctrl_c_during_fit_writes_last_ckpt_prints_the_resume_command_and_the_ru
     last = next(tmp_path.glob("runs/*/version_0/checkpoints/last.ckpt"))
     step = torch.load(last, weights_only=True)["global_step"]
     assert step >= 3 and f"received SIGINT at step {step}; checkpoint written to {last}" in err
+    for chatter in ("GPU available", "TPU available", "litlogger", "LeafSpec"):  # silenced
+        assert chatter not in err, err[-2000:]
     command = re.search(r"Resume with: (onestep fit .*)$", err, re.MULTILINE).group(1)
     resume_args = shlex.split(command)[1:]
     assert resume_args == [*args, "--trainer.max_steps", "100000", "--ckpt_path", str(last)]
@@ -140,7 +142,8 @@ def test_checkpoint_every_sets_the_interval_and_does_not_leak_into_the_next_run(
 # ------------------------------------------------------------------------------------------ fit's output
 def test_fit_log_is_plain_bounded_and_ends_with_a_summary(tmp_path, capfd):
     """Not a terminal: no carriage returns, a log of a few lines for 300 steps, one line per evaluation,
-    a summary with the headline metrics, run directory and pictures; none of Lightning's chatter."""
+    a summary with the headline metrics, run directory and pictures. (Lightning's chatter is checked on a real
+    process's stderr in the Ctrl-C test: in-process, pytest's own log and warning capture hides it.)"""
     main([*TINY_FIT, "--out_dir", str(tmp_path), "--trainer.max_steps", "300", "--eval.every_n_steps", "100",
           "--eval.n_samples", "128", "--eval.w2_max_samples", "128"])
     out, err = capfd.readouterr()
@@ -150,8 +153,6 @@ def test_fit_log_is_plain_bounded_and_ends_with_a_summary(tmp_path, capfd):
     for text in ("step 300/300", "eval at step 100: w2 ", "eval at step 200: w2 ", "final evaluation (step 300): w2 ",
                  "run directory: ", "pictures: ", "samples_step300.png"):
         assert text in out, (text, out)
-    for chatter in ("GPU available", "TPU available", "litlogger", "LeafSpec"):
-        assert chatter not in log, chatter
 
 
 def _fake_trainer(step: int, max_steps: int):
@@ -162,21 +163,21 @@ def _fake_trainer(step: int, max_steps: int):
 
 @pytest.mark.parametrize("tty", [False, True])
 def test_step_progress_rate_is_bounded_by_time_not_steps(tty):
-    """10,000 steps at one second each: a plain log gets at most one line per 30 s plus one per 10 %;
-    a terminal gets the line redrawn in place (carriage returns) and no new lines."""
-    now = [0.0]
+    """10,000 steps: a plain log (1 s per step) gets at most one line per 30 s plus one per 10 %; a terminal
+    (0.1 s per step) gets the line redrawn in place (carriage returns, no new lines) at most every 0.5 s."""
+    now, seconds_per_step = [0.0], 0.1 if tty else 1.0
     stream = io.StringIO()
     bar = StepProgress(stream=stream, is_tty=tty, clock=lambda: now[0])
     trainer = _fake_trainer(0, 10_000)
     bar.on_train_start(trainer, SimpleNamespace())
     for step in range(1, 10_001):
-        now[0] += 1.0
+        now[0] += seconds_per_step
         trainer.global_step = step
         bar.on_train_batch_end(trainer, None, None, None, step)
     text = stream.getvalue()
     lines = text.count("\n")
     if tty:
-        assert lines == 1 and text.count("\r") >= 10_000 / 2 - 1  # header, then redraws every >= 0.5 s
+        assert lines == 1 and 1000 <= text.count("\r") <= 10_000 * 0.1 / 0.5 + 2  # header, then redraws
         assert "step 10000/10000 (100%)" in text.split("\r")[-1] and "ETA 0s" in text.split("\r")[-1]
     else:
         assert "\r" not in text and lines <= 1 + 10_000 // 30 + 11, lines
