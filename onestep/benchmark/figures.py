@@ -106,8 +106,8 @@ def qualitative_grid(samples: dict[tuple[str, str], torch.Tensor], references: d
 
 def plain_log_axis(axis) -> None:
     """Ticks of a log axis as plain numbers (0.05, 2, 100), not 10^k. Decades are labelled; between them
-    2 and 5 are labelled when the axis spans at most two decades (and 3 too under one decade), so that a
-    narrow range still shows readable values."""
+    2 and 5 are labelled when the axis spans at most two decades (and 3, 4, 6, 8 too under one decade), so
+    that a narrow range still shows readable values."""
     import math as _math
 
     from matplotlib.ticker import FuncFormatter
@@ -117,7 +117,7 @@ def plain_log_axis(axis) -> None:
         decades = _math.log10(hi / lo) if lo > 0 and hi > 0 else _math.inf
         mantissa = round(value / 10 ** _math.floor(_math.log10(value) + 1e-9), 3) if value > 0 else 0
         wanted = {2.0, 5.0} if decades <= 2 else set()
-        wanted |= {3.0} if decades <= 1 else set()
+        wanted |= {3.0, 4.0, 6.0, 8.0} if decades <= 1 else set()
         return f"{value:g}" if mantissa in wanted else ""
 
     axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
