@@ -194,12 +194,15 @@ def test_heartbeat_prints_at_most_every_interval_with_step_and_eta():
         beat.beat(step, 100)
     assert lines == ["  flow-8gaussians-s0: step 30/100, ETA 1m10s", "  flow-8gaussians-s0: step 60/100, ETA 40s",
                      "  flow-8gaussians-s0: step 90/100, ETA 10s"]
+    assert beat.beat(100, 100) is None  # 10 s after the last line
+    now[0] = 130.0
+    assert beat.beat(100, 100_000, time_left=65.0) == "  flow-8gaussians-s0: step 100/100000, ETA 1m05s"  # time budget
 
 
 class SigintAtStep(Callback):
     """Stands in for the heartbeat of the cells whose name ends with ``-s1``: Ctrl-C at step 3."""
 
-    def __init__(self, label: str, *args) -> None:
+    def __init__(self, label: str, *args, **kwargs) -> None:
         self.label = label
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -259,7 +259,9 @@ def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | No
             (log_dir / "cell.json").write_text(json.dumps({"fingerprint": fingerprint, "cell": cell.run_name}))
             _tag_wandb(trainer, cell)
             clock = CellClock(suite.budget.seconds)
-            trainer.callbacks += [clock, HeartbeatCallback(cell.run_name, HEARTBEAT_SECONDS)]
+            budget = suite.budget.seconds
+            time_left = (lambda: budget - clock.training_seconds(time.perf_counter())) if budget else None
+            trainer.callbacks += [clock, HeartbeatCallback(cell.run_name, HEARTBEAT_SECONDS, time_left=time_left)]
             eval_cb = _find_eval_callback(trainer)
             if eval_cb is None:
                 raise RuntimeError("no EvaluationCallback in the trainer: the suite's protocol cannot be applied")

@@ -66,7 +66,7 @@ class Heartbeat:
         self._start: tuple[float, int] | None = None
         self._last: float | None = None
 
-    def beat(self, step: int, total: int | None) -> str | None:
+    def beat(self, step: int, total: int | None, time_left: float | None = None) -> str | None:
         now = self.clock()
         if self._start is None:
             self._start, self._last = (now, step), now
@@ -75,22 +75,26 @@ class Heartbeat:
             return None
         self._last = now
         eta = eta_seconds(step, total, self._start[1], now - self._start[0])
+        if time_left is not None:  # a wall-clock budget ends the run first when it is shorter
+            eta = max(0.0, time_left) if eta is None else min(eta, max(0.0, time_left))
         line = f"  {self.label}: step {step}/{total if total is not None else '?'}, ETA {format_duration(eta)}"
         self.log(line)
         return line
 
 
 class HeartbeatCallback(Callback):
-    """A :class:`Heartbeat` after each training batch (rank 0): the step, out of ``max_steps``, and the ETA."""
+    """A :class:`Heartbeat` after each training batch (rank 0): the step, out of ``max_steps``, and the ETA
+    (the sooner of ``max_steps`` at the current rate and ``time_left()``, the seconds a time budget leaves)."""
 
     def __init__(self, label: str, interval: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 log: Callable[[str], Any] | None = None) -> None:
+                 log: Callable[[str], Any] | None = None, time_left: Callable[[], float | None] | None = None) -> None:
         self.heartbeat = Heartbeat(label, interval, clock, log)
+        self.time_left = time_left
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.is_global_zero:
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            self.heartbeat.beat(trainer.global_step, total)
+            self.heartbeat.beat(trainer.global_step, total, self.time_left() if self.time_left else None)
 
 
 class _ChatterFilter(logging.Filter):
