@@ -26,11 +26,15 @@ from lightning.pytorch.cli import LightningCLI
 from onestep.callbacks import EvaluationCallback
 from onestep.callbacks.fault import NonFiniteGuard, PreemptionCheckpoint, check_checkpoint_file
 from onestep.callbacks.loggers import make_loggers
+from onestep.callbacks.progress import add_progress_bar, quiet_lightning
 from onestep.callbacks.reliability import ExactCheckpoint, ResumableRNG
 from onestep.checkpoints import check_data_shape, check_fit_checkpoint, resolve_last
 from onestep.data import OneStepDataModule
 from onestep.errors import check_config_files, check_writable_dir, report_errors, take_debug_flag
 from onestep.generators import OneStepGenerator
+
+#: Steps between two periodic checkpoints, unless `--checkpoint_every N` says otherwise.
+CHECKPOINT_EVERY = 1000
 
 #: The trainer defaults every method shares (one place; a config or the command line overrides them).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -41,11 +45,11 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 50,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
-    # reliability: RNG states in checkpoints, stop on NaN/inf, checkpoint on SIGTERM/SIGUSR1; ExactCheckpoint is a
-    # ModelCheckpoint whose files capture the state between two batches (exact resume). It stays last, so that
-    # `--trainer.callbacks.every_n_train_steps N` (which edits the last callback) sets the checkpoint interval.
+    # reliability: RNG states in checkpoints, stop on NaN/inf, checkpoint on SIGTERM/SIGUSR1/Ctrl-C; ExactCheckpoint
+    # is a ModelCheckpoint whose files capture the state between two batches (exact resume). These callbacks are
+    # always added (LightningCLI appends them to --trainer.callbacks); `--checkpoint_every N` sets the interval.
     "callbacks": [ResumableRNG(), NonFiniteGuard(), PreemptionCheckpoint(),
-                  ExactCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=1000,
+                  ExactCheckpoint(filename="step{step}", save_last=True, every_n_train_steps=CHECKPOINT_EVERY,
                                   save_top_k=-1, auto_insert_metric_name=False)],
 }
 
@@ -100,10 +104,21 @@ class OneStepCLI(LightningCLI):
         parser.add_argument("--wandb", type=bool, default=False, help="also log to Weights & Biases")
         parser.add_argument("--wandb_project", type=str, default="onestep")
         parser.add_argument("--wandb_group", type=str | None, default=None)
+        parser.add_argument("--checkpoint_every", type=int, default=CHECKPOINT_EVERY,
+                            help="optimizer steps between two checkpoints step<k>.ckpt (last.ckpt follows each)")
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_writable_dir("--out_dir", cfg.get("out_dir", "runs"))
+        quiet_lightning()
+        every = cfg.get("checkpoint_every", CHECKPOINT_EVERY)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"--checkpoint_every={every!r} is not allowed; use an integer >= 1 (optimizer steps)")
+        for callback in TRAINER_DEFAULTS["callbacks"]:  # shared instances: set on every run, never left over
+            if isinstance(callback, ExactCheckpoint):
+                callback._every_n_train_steps = every
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        add_progress_bar(kwargs, init.trainer, cfg.trainer.get("enable_progress_bar"))
         if cfg.trainer.get("logger") in (None, True):
             method = type(self.model).__name__.lower()
             name = cfg.get("run_name") or f"{method}-{self.datamodule.dataset}"

@@ -30,7 +30,9 @@ from lightning.pytorch import Callback
 
 from onestep.benchmark.records import jsonable, machine_info, package_versions
 from onestep.benchmark.suite import Cell, Suite, to_cli_value
+from onestep.callbacks.progress import HeartbeatCallback
 
+HEARTBEAT_SECONDS = 30.0  # a cell's progress line (step, ETA) at most this often
 IMAGE_FINAL_SAMPLES = 100  # images kept per cell for the report's grid (vectors keep eval.final_samples)
 QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
@@ -302,7 +304,9 @@ def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | No
             (log_dir / "cell.json").write_text(json.dumps({"fingerprint": fingerprint, "cell": cell.run_name}))
             _tag_wandb(trainer, suite, cell)
             clock = CellClock(suite.budget.seconds)
-            trainer.callbacks.append(clock)
+            budget = suite.budget.seconds
+            time_left = (lambda: budget - clock.training_seconds(time.perf_counter())) if budget else None
+            trainer.callbacks += [clock, HeartbeatCallback(cell.run_name, HEARTBEAT_SECONDS, time_left=time_left)]
             eval_cb = _find_eval_callback(trainer)
             if eval_cb is None:
                 raise RuntimeError("no EvaluationCallback in the trainer: the suite's protocol cannot be applied")

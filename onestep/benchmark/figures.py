@@ -104,6 +104,32 @@ def qualitative_grid(samples: dict[tuple[str, str], torch.Tensor], references: d
     return _atomic_savefig(fig, path)
 
 
+def plain_log_axis(axis) -> None:
+    """Ticks of a log axis as plain numbers (0.05, 2, 100), not 10^k. Decades are labelled; between them
+    2 and 5 are labelled when the axis spans at most two decades (and 3, 4, 6, 8 too under one decade), so
+    that a narrow range still shows readable values."""
+    import math as _math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _pos) -> str:
+        lo, hi = sorted(abs(v) for v in axis.get_view_interval())
+        decades = _math.log10(hi / lo) if lo > 0 and hi > 0 else _math.inf
+        mantissa = round(value / 10 ** _math.floor(_math.log10(value) + 1e-9), 3) if value > 0 else 0
+        wanted = {2.0, 5.0} if decades <= 2 else set()
+        wanted |= {3.0, 4.0, 6.0, 8.0} if decades <= 1 else set()
+        return f"{value:g}" if mantissa in wanted else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def legend_outside(ax) -> None:
+    """The legend to the right of the panel, so that it never covers the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
 def _floor_line(ax, floor_value: float | None) -> None:
     if floor_value:
         ax.axhline(floor_value, color="black", linestyle="--", linewidth=1, label="data floor")
@@ -113,7 +139,7 @@ def metric_vs_nfe(groups: dict[str, dict[str, list[dict[str, Any]]]], metric_of:
                   floors: dict[str, float | None], methods: list[str], path: Path) -> Path:
     """``groups[dataset][method]`` lists that method's records; ``metric_of[dataset]`` the metric key."""
     datasets = list(groups)
-    fig, axes = _figure(len(datasets))
+    fig, axes = _figure(len(datasets), size=(6.4, 3.3))  # wide panels: the legend sits right of the axes
     for ax, dataset in zip(axes, datasets):
         key = metric_of[dataset]
         for method, records in groups[dataset].items():
@@ -136,15 +162,16 @@ def metric_vs_nfe(groups: dict[str, dict[str, list[dict[str, Any]]]], metric_of:
                         label=f"{method} (NFE sweep)")
         _floor_line(ax, floors.get(dataset))
         ax.set_xscale("log"), ax.set_yscale("log")
+        plain_log_axis(ax.xaxis), plain_log_axis(ax.yaxis)
         ax.set_title(dataset, fontsize=10), ax.set_xlabel("NFE per sample"), ax.set_ylabel(key)
-        ax.legend(fontsize=7)
+        legend_outside(ax)
     fig.tight_layout()
     return _atomic_savefig(fig, path)
 
 
 def metric_vs_time(groups, metric_of, floors, methods: list[str], path: Path) -> Path:
     datasets = list(groups)
-    fig, axes = _figure(len(datasets))
+    fig, axes = _figure(len(datasets), size=(5.8, 3.3))
     for ax, dataset in zip(axes, datasets):
         key = metric_of[dataset]
         for method, records in groups[dataset].items():
@@ -154,8 +181,9 @@ def metric_vs_time(groups, metric_of, floors, methods: list[str], path: Path) ->
                 ax.scatter(*zip(*pts), color=_color(methods, method), label=method, s=22)
         _floor_line(ax, floors.get(dataset))
         ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
         ax.set_title(dataset, fontsize=10), ax.set_xlabel("training time (s)"), ax.set_ylabel(key)
-        ax.legend(fontsize=7)
+        legend_outside(ax)
     fig.tight_layout()
     return _atomic_savefig(fig, path)
 
@@ -176,6 +204,7 @@ def sampling_speed(groups, methods: list[str], path: Path) -> Path:
             for i, v in enumerate(speeds):
                 ax.text(v, i, f" {v:,.0f}", va="center", fontsize=7)
             ax.set_xscale("log")
+            plain_log_axis(ax.xaxis)
         ax.set_title(dataset, fontsize=10), ax.set_xlabel("samples / s (higher is better)")
     fig.tight_layout()
     return _atomic_savefig(fig, path)
@@ -216,8 +245,10 @@ def sensitivity(groups, metric_of, floors, path: Path) -> Path | None:
                 ax.set_xticks(pos, [str(x) for x in xs])
             elif min(xs) > 0 and max(xs) / min(xs) >= 8:  # grids such as K or n span decades
                 ax.set_xscale("log")
+                plain_log_axis(ax.xaxis)
         _floor_line(ax, floors.get(dataset))
         ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
         ax.set_title(f"{base} on {dataset}", fontsize=10), ax.set_xlabel(option.rsplit(".", 1)[-1])
         ax.set_ylabel(key), ax.legend(fontsize=7)
     fig.tight_layout()

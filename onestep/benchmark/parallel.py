@@ -7,7 +7,9 @@ worker dies without writing one (killed, out of memory). On a machine with GPUs,
 only GPU ``k mod count`` (``CUDA_VISIBLE_DEVICES``). A worker's output goes to ``<out>/logs/<cell>.log``.
 
 SIGTERM to the parent stops handing out cells and forwards the signal to the running workers, which
-checkpoint and end their cell as in a serial run; rerunning the command resumes them.
+checkpoint and end their cell as in a serial run; rerunning the command resumes them. Ctrl-C reaches the
+workers from the terminal (one process group); the parent then stops handing out cells and sends them
+SIGTERM too (not a second SIGINT, which would stop them without a checkpoint); a second Ctrl-C kills them.
 """
 
 from __future__ import annotations
@@ -88,15 +90,21 @@ def run_cells_in_workers(suite: Suite, suite_path: str, todo: list[Cell], out_di
                 running[proc] = (cell, slot, time.perf_counter(), log_path, len(_records_of(out_dir, cell)))
             if stop["signal"] is not None and not forwarded:
                 for proc in running:
-                    proc.send_signal(stop["signal"])
+                    proc.send_signal(signal.SIGTERM if stop["signal"] == signal.SIGINT else stop["signal"])
                 forwarded = True
-            time.sleep(POLL_SECONDS)
+            try:
+                time.sleep(POLL_SECONDS)
+            except KeyboardInterrupt:
+                if stop["signal"] == signal.SIGINT:
+                    raise  # Ctrl-C twice: leave now (the workers are killed below)
+                stop["signal"] = signal.SIGINT
+                continue
             for proc in [p for p in running if p.poll() is not None]:
                 cell, slot, started, log_path, before = running.pop(proc)
                 free.append(slot)
                 records = _records_of(out_dir, cell)
                 record = records[-1] if len(records) > before else None  # the worker's own record
-                if record is None and forwarded and proc.returncode == 0:
+                if record is None and forwarded and proc.returncode in (0, 130):  # 130: after Ctrl-C
                     record = None  # stopped by the forwarded signal: last.ckpt kept, a rerun resumes the cell
                 elif record is None:
                     record = _lost_worker_record(suite, cell, proc.returncode, log_path)

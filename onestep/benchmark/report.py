@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -172,7 +173,7 @@ def _header(data: dict[str, Any]) -> list[tuple[str, str]]:
     versions = sorted({json.dumps(r["versions"], sort_keys=True) for r in data["records"] if r.get("versions")})
     lines = [("suite", f"{suite.get('name', '?')}" + (f": {suite['description']}" if suite.get("description") else ""))]
     for inv in invocations[-3:]:
-        lines.append(("command", f"{' '.join(inv.get('argv', []))}  (started {inv.get('started_at')}, "
+        lines.append(("command", f"{shlex.join(str(a) for a in inv.get('argv', []))}  (started {inv.get('started_at')}, "
                                  f"cwd {inv.get('cwd')})"))
     lines.append(("report written", time.strftime("%Y-%m-%d %H:%M:%S %z")))
     lines += [("machine", m) for m in machines]

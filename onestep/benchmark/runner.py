@@ -11,7 +11,8 @@ Output directory::
 Rerunning the same command skips every cell whose last record is ``ok`` under the same specification
 (fingerprint of method, dataset, seed, budget, protocol and overrides), retries failed cells, and resumes a
 cell that was interrupted during training from its ``last.ckpt``. A failing cell is recorded with its error
-and traceback tail and the suite goes on. ``--jobs N`` runs N cells at once in worker processes
+and traceback tail and the suite goes on. Ctrl-C checkpoints the cell in training (a second Ctrl-C stops at
+once), prints which cells finished and which are left and the command that resumes them, and exits with 130. ``--jobs N`` runs N cells at once in worker processes
 (:mod:`onestep.benchmark.parallel`).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -33,6 +35,11 @@ from onestep.benchmark.cell import cell_args, run_cell
 from onestep.benchmark.records import (RESULTS_FILE, append_record, describe_machine_short, latest_by_cell,
                                        machine_info, package_versions, read_records)
 from onestep.benchmark.suite import Cell, Suite, load_suite
+from onestep.callbacks.fault import Interrupted
+
+
+class SuiteInterrupted(Exception):
+    """The suite was stopped by Ctrl-C; the summary has been logged, the resume command is the caller's."""
 
 
 def _duration(seconds: float) -> str:
@@ -141,6 +148,7 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
         f"{len(todo)} to run) -> {out_dir}  [{describe_machine_short(machine_info())}]")
     start, durations, records = time.perf_counter(), {}, []
     stop, previous = _install_stop_handler()
+    current: list[Cell] = []  # the cell being run (single process)
     try:
         if jobs > 1:
             if not suite.path:
@@ -161,7 +169,9 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
             run_cells_in_workers(suite, suite.path, todo, out_dir, jobs, threads,
                                  wandb.get("project", "onestep") if wandb else None, stop, report)
         else:
-            _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop)
+            _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop, current)
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C: in training the cell's last.ckpt was written first
+        stop["signal"] = signal.SIGINT
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -169,6 +179,15 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
     log(f"onestep benchmark: {len(records) - failed} ok, {failed} failed in {_duration(time.perf_counter() - start)}"
         + (f"; stopped by {signal.Signals(stop['signal']).name} with {len(todo) - len(records)} cells left "
            "(rerun the same command to continue)" if stop["signal"] else ""))
+    if stop["signal"] == signal.SIGINT:
+        ran = {(r["method"], r["dataset"], r["seed"]) for r in records}
+        left = [c.run_name for c in todo if c.key not in ran]
+        if current and current[-1].key not in ran:
+            log(f"onestep benchmark: interrupted in {current[-1].run_name}; a checkpoint written then is resumed")
+        log("onestep benchmark: finished now: " + (", ".join(f"{r['run_name']} ({r['status']})" for r in records)
+                                                     or "none"))
+        log(f"onestep benchmark: left: {', '.join(left[:12])}" + (f" and {len(left) - 12} more" if len(left) > 12 else ""))
+        raise SuiteInterrupted()
     return records
 
 
@@ -188,8 +207,9 @@ def _install_stop_handler() -> tuple[dict[str, int | None], Any]:
     return stop, signal.signal(signal.SIGTERM, handler)
 
 
-def _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop) -> None:
+def _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop, current) -> None:
     for i, cell in enumerate(todo, 1):
+        current.append(cell)
         cell_start = time.perf_counter()
         record = run_cell(suite, cell, out_dir, wandb=wandb, quiet=quiet)
         append_record(out_dir / RESULTS_FILE, record)
@@ -262,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:
             try:
                 check_class_path(cell.method)
-                command = "onestep fit " + " ".join(cell_args(suite, cell, out_dir, wandb))
+                command = "onestep fit " + shlex.join(cell_args(suite, cell, out_dir, wandb))
             except (FileNotFoundError, ValueError) as err:
                 command, doomed = f"(will fail: {err})", doomed + 1
             print(f"{'done' if cell.key in done else 'todo'}  {cell.run_name}: {command}")
@@ -279,11 +299,20 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(threads)
     if args.worker:  # a cell of a parallel run: the parent records the invocation and writes the report
-        run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, log=lambda *a, **k: None)
+        try:
+            run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, log=lambda *a, **k: None)
+        except SuiteInterrupted:
+            return 130
         return 0
     record_invocation(out_dir, suite, argv)
-    records = run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, jobs=args.jobs,
-                        threads=threads)
+    try:
+        records = run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, jobs=args.jobs,
+                            threads=threads)
+    except SuiteInterrupted:
+        print(f"onestep benchmark: results so far are in {out_dir / RESULTS_FILE}; resume with: onestep "
+              f"{shlex.join(['benchmark', *argv])}  (`onestep report {out_dir}` reports the finished cells)",
+              flush=True)
+        return 130
     if not args.no_report:
         from onestep.benchmark.report import write_report
 

@@ -3,8 +3,10 @@
 Statistics: for a method with values ``v_1..v_k`` over its finished seeds, the table shows the mean and,
 for ``k >= 2``, the sample standard deviation (``ddof = 1``). The best *mean* of each column with a
 direction (lower or higher is better) is marked in bold among the methods; the data-floor row is never
-marked (its ± is the spread over the disjoint train chunks it averages). Ratios to the floor are per cell
-(``W2 / floor`` of the cell's own data and protocol), then averaged.
+marked (its ± is the spread over the disjoint train chunks it averages). No best is marked in a column
+whose values are saturated (:func:`saturated`): every method within 2 % of the others, or of the data's floor,
+e.g. the off-manifold fraction on 8gaussians (0.99 for every method and for the data itself). Ratios to the
+floor are per cell (``W2 / floor`` of the cell's own data and protocol), then averaged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,25 @@ BASE_COLUMNS: list[tuple[str, str, str | None]] = [
 DIRECTION_NOTE = ("Lower is better for W2, SW2, FD, off-manifold fraction, distance to the manifold and NFE; "
                   "higher is better for precision, recall, coverage and samples/s (density is unranked: values "
                   "above 1 mean samples crowd dense regions). Bold: best mean among methods.")
+
+
+#: relative tolerance under which a column's values are "all the same" (see :func:`saturated`)
+SATURATION_RTOL = 0.02
+
+
+def saturated(means: list[float], floor: float | None = None, rtol: float = SATURATION_RTOL) -> bool:
+    """Whether marking a best value in a column would be meaningless.
+
+    Rule (either suffices): (a) every method's mean lies within ``rtol`` (relative to the largest magnitude)
+    of every other one, so no method is distinguishably best; or (b) the column has a data floor and every
+    method's mean lies within ``rtol`` of it, so all methods sit at what real data itself scores (a metric
+    saturated at its floor, e.g. off-manifold 0.99 on 8gaussians for every method and for the data)."""
+    def close(a: float, b: float) -> bool:
+        return abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-15
+
+    if len(means) >= 2 and close(min(means), max(means)):
+        return True
+    return floor is not None and math.isfinite(floor) and bool(means) and all(close(m, floor) for m in means)
 
 
 def primary_metric(metrics: dict[str, Any]) -> str | None:
@@ -127,10 +148,16 @@ def dataset_table(records: list[dict[str, Any]], methods: list[str], expected_se
     columns = _columns_for(by_method)
     stats = {m: {key: Stat([v[key] for v in rows if v.get(key) is not None]) for key, _, _ in columns}
              for m, rows in by_method.items()}
+    floor_of = {key: (1.0 if key.endswith("_ratio") else (floors[0][1].get("metrics") or {}).get(key))
+                if floors else None for key, _, _ in columns}
     best: dict[str, float] = {}
-    for key, _, direction in columns:
+    flat: list[str] = []
+    for key, label, direction in columns:
         means = [s[key].mean for s in stats.values() if s[key].mean is not None]
         if direction and len(means) >= 2:
+            if saturated(means, floor_of[key]):
+                flat.append(label)
+                continue
             best[key] = min(means) if direction == "min" else max(means)
     rows = []
     for method, st in stats.items():
@@ -151,7 +178,9 @@ def dataset_table(records: list[dict[str, Any]], methods: list[str], expected_se
             row.append((text, False))
         italic.add(len(rows))
         rows.append(row)
-    return Table(["method", "seeds", *[label for _, label, _ in columns]], rows, italic_rows=italic)
+    notes = ([f"No best marked for {', '.join(flat)}: every method is within {SATURATION_RTOL:.0%} of the others "
+              "or of the data floor."] if flat else [])
+    return Table(["method", "seeds", *[label for _, label, _ in columns]], rows, notes=notes, italic_rows=italic)
 
 
 def overview_table(values: dict[tuple[str, str], list[dict[str, float]]], methods: list[str],
@@ -168,7 +197,7 @@ def overview_table(values: dict[tuple[str, str], list[dict[str, float]]], method
         means = [Stat([v[ratio_key[d]] for v in values.get((m, d), []) if ratio_key[d] and v.get(ratio_key[d])]).mean
                  for m in methods]
         means = [x for x in means if x is not None]
-        if len(means) >= 2:
+        if len(means) >= 2 and not saturated(means, 1.0):  # ratios: the floor is 1
             best[d] = min(means)
     for m in methods:
         row = [(m, False)]

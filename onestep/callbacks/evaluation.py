@@ -25,13 +25,13 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from onestep.callbacks.visuals import save_image_grid, save_scatter
+from onestep.callbacks.visuals import run_title, save_image_grid, save_scatter
 from onestep.data.datamodule import SPLITS
 from onestep.metrics import (PRDC, FrechetDistance, ManifoldDistance, SlicedWasserstein2, Wasserstein2,
                              check_feature_space, get_feature_extractor, reference_features, sha256_file)
@@ -95,11 +95,27 @@ def check_evaluation_options(every_n_steps: Any, n_samples: Any, reference_split
 class EvaluationCallback(Callback):
     """Evaluate the EMA generator every ``every_n_steps`` optimizer steps and at the end of training.
 
-    ``every_n_steps``: 0 or ``None`` turns periodic evaluation off (``at_end`` still evaluates after the last
-    step); negative values are refused. Every option is checked when the callback is built (before training).
+    Args:
+        every_n_steps: evaluate every this many optimizer steps (0 or null: only at the end).
+        n_samples: generated samples per evaluation, compared with as many reference samples (> prdc_k).
+        reference_split: data split the samples are compared with: train, val or test.
+        feature_space: Fréchet distance / PRDC feature space(s): pixels, lenet-mnist, lenet-fashion, inception
+            (needs feature_weights_path), or a list of them. Default: none for synthetic data (raw units),
+            pixels plus the dataset's LeNet for MNIST-like images.
+        w2_max_samples: exact W2 (POT) on at most this many points per side (null: all; cost grows as n^3).
+        offmanifold_threshold: distance to the data manifold (raw units) beyond which a sample is off-manifold.
+        seed: seed of the evaluation's sampling noise (the same for every evaluation of a run).
+        at_end: evaluate once more when training ends.
+        pictures: draw a sample grid (images) or a scatter against the data (vectors) at each evaluation.
+        prdc_k: neighbours k of precision / recall / density / coverage.
+        sw_projections: random directions of the sliced W2.
+        chunk_size: samples generated per forward pass (memory bound).
+        feature_weights_path: weights file of the feature network (default: the shipped LeNet weights).
+        cache_dir: cache of the reference features (default: $ONESTEP_CACHE, else ~/.cache/onestep).
     """
 
-    def __init__(self, every_n_steps: int | None = 1000, n_samples: int = 2048, reference_split: str = "test",
+    def __init__(self, every_n_steps: int | None = 1000, n_samples: int = 2048,
+                 reference_split: Literal["train", "val", "test"] = "test",
                  feature_space: str | Sequence[str] | None = None, w2_max_samples: int | None = 2048,
                  offmanifold_threshold: float = 0.1, seed: int = 0, at_end: bool = True, pictures: bool = True,
                  prdc_k: int = 5, sw_projections: int = 256, chunk_size: int = 4096,
@@ -293,15 +309,18 @@ class EvaluationCallback(Callback):
                 os.fsync(f.fileno())
             if self.pictures and everything is not None:
                 try:
-                    self._draw(trainer, everything, log_dir / f"samples_step{step}.png", step)
+                    self._draw(trainer, everything, log_dir / f"samples_step{step}.png", step, metrics)
                 except Exception as err:  # a picture must never stop training
                     warnings.warn(f"could not draw the samples of step {step}: {err}")
         return metrics
 
-    def _draw(self, trainer: Trainer, samples: Tensor, path: Path, step: int) -> None:
-        title = f"{type(trainer.lightning_module).__name__} step {step}"
+    def _draw(self, trainer: Trainer, samples: Tensor, path: Path, step: int,
+              metrics: dict[str, float] | None = None) -> None:
+        title = run_title(type(trainer.lightning_module).__name__, getattr(trainer.datamodule, "dataset", None),
+                          step, metrics)
         if samples.dim() == 4:
-            save_image_grid(samples[:64], path, nrow=8, title=title)
+            real = self._reference[:8].to(samples.device) if self._reference is not None else None
+            save_image_grid(samples[:56], path, nrow=8, title=title, real=real)
         else:
             save_scatter(samples, self._reference, path, title=title)
         for logger in trainer.loggers:

@@ -4,7 +4,9 @@
   would poison, with a message naming the step and the last good checkpoint (which nothing overwrites
   afterwards: the run ends there).
 * :class:`PreemptionCheckpoint` turns SIGTERM / SIGUSR1 (what SLURM and preemptible clouds send before a
-  kill) into a checkpoint ``last.ckpt`` written between two batches, then a clean exit (status 0).
+  kill) into a checkpoint ``last.ckpt`` written between two batches, then a clean exit (status 0); Ctrl-C
+  (SIGINT) likewise, with exit status 130 (a second Ctrl-C stops at once, without a checkpoint). It prints
+  the command that resumes the run.
 * :func:`check_checkpoint_file` tells a truncated or corrupted checkpoint apart from a good one before
   any training, and names the earlier checkpoints to use instead.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shlex
 import signal
 import sys
 import threading
@@ -30,8 +33,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from onestep.callbacks.reliability import ExactCheckpoint, atomic_save_checkpoint
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError", "PreemptionCheckpoint", "Preempted", "CheckpointCorruptedError",
-           "check_checkpoint_file", "last_good_checkpoint"]
+__all__ = ["NonFiniteGuard", "NonFiniteLossError", "PreemptionCheckpoint", "Preempted", "Interrupted",
+           "CheckpointCorruptedError", "check_checkpoint_file", "last_good_checkpoint", "resume_hint"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,6 +47,34 @@ class CheckpointCorruptedError(ValueError):
 
 class Preempted(SIGTERMException):
     """Raised after the preemption checkpoint is written; a ``SystemExit`` with status 0."""
+
+
+class Interrupted(SystemExit):
+    """Raised after the checkpoint of a Ctrl-C (SIGINT) is written; a ``SystemExit`` with status 130
+    (128 + SIGINT, what a shell reports for a command stopped by Ctrl-C), so ``onestep fit && next`` stops."""
+
+    def __init__(self) -> None:
+        super().__init__(130)
+
+
+def resume_hint(path: str, argv: list[str] | None = None) -> str:
+    """How to resume from checkpoint ``path``: the ``onestep fit`` command line of this process (``argv``,
+    default ``sys.argv[1:]``) with ``--ckpt_path path`` in place of any earlier one; inside ``onestep
+    benchmark``, its own command (a rerun resumes every unfinished cell); else just the option."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["benchmark"]:
+        return f"Resume with: onestep {shlex.join(argv)}"
+    if argv[:1] != ["fit"]:
+        return f"Resume with --ckpt_path {path}"
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return f"Resume with: onestep {shlex.join(['fit', *kept, '--ckpt_path', str(path)])}"
 
 
 def last_good_checkpoint(trainer: L.Trainer) -> str | None:
@@ -135,7 +166,8 @@ class NonFiniteGuard(Callback):
 
 # ---------------------------------------------------------------------------------------------- signals
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM or SIGUSR1: write ``last.ckpt`` between two batches, then exit cleanly (status 0).
+    """On SIGTERM, SIGUSR1 or SIGINT (Ctrl-C): write ``last.ckpt`` between two batches, then exit (status 0;
+    130 after Ctrl-C) with the command that resumes the run.
 
     The signal handler only records the signal; the checkpoint is written at the next batch start (every
     rank, after a reduce, so a signal delivered to one rank stops them all), in the folder of the first
@@ -144,11 +176,15 @@ class PreemptionCheckpoint(Callback):
     ``--ckpt_path <that file>``; requeueing a cluster job is the job script's business (see
     ``docker/README.md``), so the same code works inside containers that have no ``scontrol``.
 
+    Ctrl-C: a second Ctrl-C before the checkpoint is written raises ``KeyboardInterrupt`` at once (a step
+    can take minutes), with no checkpoint. A process that ignores SIGINT (started in the background with
+    ``&``) keeps ignoring it.
+
     The handlers replace Lightning's own SIGTERM handler for the duration of training (Lightning's stops
     without a checkpoint) and the previous handlers come back when training ends.
     """
 
-    def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
         super().__init__()
         names = [signals] if isinstance(signals, str) else list(signals)
         for name in names:
@@ -164,13 +200,22 @@ class PreemptionCheckpoint(Callback):
         self.received, self.saved_path = None, None
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.received = signum  # async-signal-safe: the work happens between two batches
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:  # Ctrl-C twice: stop now
+                self._restore_handlers()
+                raise KeyboardInterrupt
+            # os.write: a print here could re-enter a write of the interrupted code to the same stream
+            os.write(2, b"\nonestep: Ctrl-C: writing last.ckpt after the current step "
+                        b"(Ctrl-C again to stop at once, without it)\n")
+        self.received = signum  # the work happens between two batches
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for name in self.signals:
             signum = getattr(signal, name)
+            if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # started with Ctrl-C ignored (a background job): keep it so
             self._previous[signum] = signal.signal(signum, self._handler)
 
     def _restore_handlers(self) -> None:
@@ -203,10 +248,12 @@ class PreemptionCheckpoint(Callback):
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         if trainer.is_global_zero:
             print(f"onestep: received {name} at step {trainer.global_step}; checkpoint written to {path}. "
-                  f"Resume with --ckpt_path {path}", file=sys.stderr, flush=True)
+                  f"{resume_hint(path)}", file=sys.stderr, flush=True)
             for logger in trainer.loggers:
                 logger.save()
         self._restore_handlers()
+        if self.received == signal.SIGINT:
+            raise Interrupted()
         raise Preempted()
 
     def _checkpoint_path(self, trainer: L.Trainer) -> str:

@@ -14,6 +14,22 @@ import torch
 from torch import Tensor
 
 
+def headline_metrics(metrics: dict[str, float]) -> list[tuple[str, float]]:
+    """The metrics a title or a progress line shows: FD in the last feature space (else W2), then precision and
+    recall for FD (off-manifold fraction for W2 on a manifold). Keys with or without the ``eval/`` prefix."""
+    plain = {k.removeprefix("eval/"): v for k, v in metrics.items()}
+    fds = [k for k in plain if k.startswith("fd_")]
+    keys = [fds[-1], "precision", "recall"] if fds else ["w2", "offmanifold"]
+    return [(k, float(plain[k])) for k in keys if plain.get(k) is not None]
+
+
+def run_title(method: str, dataset: str | None, step: int, metrics: dict[str, float] | None = None) -> str:
+    """``"FlowMatching on 8gaussians, step 300: w2 0.0123, offmanifold 0.04"``."""
+    title = f"{method}{f' on {dataset}' if dataset else ''}, step {step}"
+    shown = headline_metrics(metrics or {})
+    return title + (": " + ", ".join(f"{k} {v:.4g}" for k, v in shown) if shown else "")
+
+
 def _atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -88,17 +104,32 @@ def make_grid(images: Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, title: str | None = None) -> Path:
-    """Save ``(N, C, H, W)`` images in [0, 1] (C = 1 or 3) as one PNG grid, ``nrow`` images per row."""
+def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, title: str | None = None,
+                    real: Tensor | None = None) -> Path:
+    """Save ``(N, C, H, W)`` images in [0, 1] (C = 1 or 3) as one PNG grid, ``nrow`` images per row.
+
+    With ``real`` (images of the data, same shape per image), its first ``nrow`` images make the top row,
+    set apart by a grey band (and named in the title), so samples can be judged against real images."""
     from matplotlib.figure import Figure
 
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"save_image_grid expects (N, 1|3, H, W) images, got shape {tuple(images.shape)}")
     grid = make_grid(images, nrow)
+    if real is not None and len(real) > 0:
+        if real.shape[1:] != images.shape[1:]:
+            raise ValueError(f"save_image_grid: real images have shape {tuple(real.shape[1:])}, samples "
+                             f"{tuple(images.shape[1:])}")
+        top = make_grid(real[:min(nrow, len(images))], nrow)
+        if top.shape[1] < grid.shape[1]:  # fewer real images than columns: pad with white
+            top = np.pad(top, ((0, 0), (0, grid.shape[1] - top.shape[1]), (0, 0)), constant_values=1.0)
+        band = np.full((max(2, images.shape[2] // 7), grid.shape[1], grid.shape[2]), 0.5, dtype=np.float32)
+        grid = np.concatenate([top[:, :grid.shape[1]], band, grid])
+        title = (f"{title}\n" if title else "") + "top row: data; below it: samples"
     scale = max(1, 512 // max(grid.shape[:2]))  # small grids are upscaled with nearest-neighbour
     height, width = grid.shape[0] * scale, grid.shape[1] * scale
-    fig = Figure(figsize=(width / 100, height / 100 + (0.3 if title else 0)), dpi=100)
-    ax = fig.add_axes((0, 0, 1, height / (height + (30 if title else 0))))
+    title_px = 15 * (title.count("\n") + 1) + 10 if title else 0
+    fig = Figure(figsize=(width / 100, (height + title_px) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, height / (height + title_px)))
     ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_axis_off()

@@ -160,7 +160,8 @@ class OneStepDataModule(L.LightningDataModule):
     """Data for every generator: a synthetic manifold (see `MANIFOLDS`) or an image set.
 
     Args:
-        dataset: one of `DATASETS` (manifold names, `mnist`, `fashion_mnist`, `cifar10`, `image_folder`).
+        dataset: synthetic 8gaussians, moons2d, rings2d, spiral2d, checker2d, helix3d, torus3d, sphere3d,
+            sphere64, helix64; images mnist, fashion_mnist, cifar10, image_folder (`DATASETS`).
         batch_size: training batch size.
         n_train: training set size (synthetic default 20000; images: the first `n_train`, default all).
         n_val, n_test: validation / test set sizes. Images: test = the first `n_test` images of the

@@ -286,19 +286,35 @@ def train_lenet(dataset: str, root=None, out_path: str | os.PathLike | None = No
     return entry
 
 
+def shipped_weights_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one of the weights files shipped with onestep (``onestep/metrics/weights/``)."""
+    path = Path(path).resolve()
+    return path.parent == WEIGHTS_DIR.resolve() and path.is_file()
+
+
 def main_train_features(argv: list[str] | None = None) -> dict:
-    """``onestep train-features <dataset> [--root DIR] [--out PATH] [--epochs N] [--seed S]``."""
+    """``onestep train-features <dataset> [--root DIR] [--out PATH] [--force] [--epochs N] [--seed S]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="onestep train-features",
                                      description="Train a LeNet feature network for FD/PRDC on MNIST-like data.")
     parser.add_argument("dataset", choices=sorted([*LENET_DATASETS, *LENET_ALIASES]))
     parser.add_argument("--root", default=None, help="data directory (default: $ONESTEP_DATA, else ../shared/datasets, else ./data)")
-    parser.add_argument("--out", default=None, help="weights file (default: the shipped onestep/metrics/weights)")
+    parser.add_argument("--out", default=None, help="weights file to write (its SHA-256 goes to manifest.json beside "
+                        "it; use it with --eval.feature_weights_path). Default: the shipped file "
+                        "onestep/metrics/weights/lenet-<dataset>.pt, which is replaced only with --force")
+    parser.add_argument("--force", action="store_true", help="allow replacing the shipped weights (every FD "
+                        "computed with the old file stops being comparable with new ones)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    return train_lenet(args.dataset, args.root, args.out, args.epochs, args.seed)
+    dataset = LENET_ALIASES.get(args.dataset, args.dataset)
+    out = Path(args.out) if args.out is not None else WEIGHTS_DIR / f"lenet-{dataset}.pt"
+    if shipped_weights_path(out) and not args.force:
+        # the shipped file defines the feature space of every published FD: never replace it by accident
+        parser.error(f"--out {out} is the shipped lenet-{dataset} weights file; write elsewhere with "
+                     f"--out PATH (then --eval.feature_weights_path PATH), or pass --force to replace it")
+    return train_lenet(dataset, args.root, out, args.epochs, args.seed)
 
 
 # ------------------------------------------------------------------------------- real-feature cache
