@@ -26,10 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
+
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -84,91 +87,114 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+EXTRA_MANIFOLDS = {"helix256": Helix256, "vonmises16": lambda: VonMisesCircle16(noise_std=0.02)}
+CONCENTRATION_SETS = (("sphere64", "sphere64", None), ("helix64", "helix64", None), ("helix256", "helix64", "helix256"))
+
+
 def _with_manifold(manifold: Manifold):
-    """A data override hook: the datamodule of ``train`` built for ``manifold`` instead of its config's set."""
+    """A datamodule patch for ``train``: ``manifold`` instead of the config's registered set."""
     def patch(dm) -> None:
         dm.manifold, dm.data_shape = manifold, (manifold.ambient_dim,)
     return patch
 
 
-def concentration(quick: bool) -> list[dict]:
-    steps = 1000 if quick else 4000
-    rows = []
-    for name, config_set, manifold in (("sphere64", "sphere64", None), ("helix64", "helix64", None),
-                                       ("helix256", "helix64", Helix256())):
-        patch = _with_manifold(manifold) if manifold is not None else None
-        found = {}
-        for method in ("magt", "flow_matching"):
-            model, dm, seconds = train(REPO / "configs" / method / f"{config_set}.yaml", steps, patch=patch)
-            found[method] = {**score(model, dm), "train_seconds": round(seconds, 1)}
-        magt, fm = found["magt"], found["flow_matching"]
-        better = magt["off_frac"] <= fm["off_frac"] and magt["mean_dist"] <= fm["mean_dist"]
-        either = magt["off_frac"] <= fm["off_frac"] or magt["mean_dist"] <= fm["mean_dist"]
-        numbers = {f"{m}_{k}": round(v, 4) for m, r in found.items() for k, v in r.items()}
-        rows.append({
-            "claim": f"MAGT concentrates samples nearer the support than flow matching when D >> d ({name})",
-            "protocol": f"{name}: {steps} steps, batch 256, configs/magt and configs/flow_matching "
-                        f"({config_set}.yaml); 10,000 samples; off-manifold = distance > {OFF_THRESHOLD}; "
-                        "MAGT 1 NFE vs flow matching (minibatch OT) 100 Euler steps",
-            "numbers": numbers,
-            "verdict": "holds" if better else ("partly" if either else "does not hold"),
-            "note": f"off-manifold share MAGT {magt['off_frac']:.3f} vs FM {fm['off_frac']:.3f} (data "
-                    f"{magt['off_frac_data']:.3f}); mean distance {magt['mean_dist']:.3f} vs {fm['mean_dist']:.3f}.",
-        })
-        if manifold is None:  # the targets are stated for the registered sets
-            w2_ok, off_ok = magt["ratio"] <= 1.2, magt["off_frac"] <= 2 * max(magt["off_frac_data"], 1e-4)
-            rows.append({
-                "claim": f"MAGT reaches <= 1.2x the W2 floor with an off-manifold share within 2x the data's ({name})",
-                "protocol": f"{name}: {steps} steps (configs/magt/{name}.yaml); W2 of 2,000 samples vs the first "
-                            "2,000 test points; floor W2(val, test); off-manifold share of 10,000 samples",
-                "numbers": {k: round(magt[k], 4) for k in ("w2", "floor", "ratio", "off_frac", "off_frac_data")},
-                "verdict": "holds" if w2_ok and off_ok else ("partly" if w2_ok or off_ok else "does not hold"),
-                "note": f"W2 {magt['ratio']:.2f}x the floor; off-manifold share {magt['off_frac']:.4f} against "
-                        f"the data's {magt['off_frac_data']:.4f}.",
-            })
-    return rows
+def _train_and_score(method: str, config_set: str, manifold_key: str | None, steps: int) -> dict:
+    torch.set_num_threads(1)
+    patch = _with_manifold(EXTRA_MANIFOLDS[manifold_key]()) if manifold_key else None
+    model, dm, seconds = train(REPO / "configs" / method / f"{config_set}.yaml", steps, patch=patch)
+    return {**score(model, dm), "train_seconds": round(seconds, 1)}
 
 
-def intrinsic_density(quick: bool) -> dict:
-    steps = 1000 if quick else 3000
-    manifold = VonMisesCircle16(noise_std=0.02)
+def _vonmises_numbers(steps: int) -> dict:
+    """Spearman and log-density error of a MAGT trained on the von Mises circle in R^16."""
+    torch.set_num_threads(1)
+    manifold = EXTRA_MANIFOLDS["vonmises16"]()
     model, dm, _ = train(REPO / "configs" / "magt" / "helix64.yaml", steps, patch=_with_manifold(manifold))
     z = torch.randn(2000, 1, generator=torch.Generator().manual_seed(7))
     with model.ema_weights():
-        logp_model = model.intrinsic_log_density(z).float()
+        logp_model = model.intrinsic_log_density(z).double()
         x = model.g(z).detach()
     coords = x.double() @ manifold.frame                                      # plane of the circle
     logp_true = manifold.base.log_density(torch.atan2(coords[:, 1], coords[:, 0]))
     finite = torch.isfinite(logp_model)
-    rho = spearman(logp_model[finite].double(), logp_true[finite])
-    mae = float((logp_model[finite].double() - logp_true[finite]).abs().mean())
+    return {"spearman": round(spearman(logp_model[finite], logp_true[finite]), 4),
+            "log_density_mae": round(float((logp_model[finite] - logp_true[finite]).abs().mean()), 4),
+            "true_log_density_range": round(float(logp_true.max() - logp_true.min()), 3),
+            "degenerate_share": round(float(1 - finite.double().mean()), 4)}
+
+
+def _concentration_rows(name: str, config_set: str, registered: bool, steps: int, found: dict) -> list[dict]:
+    magt, fm = found["magt"], found["flow_matching"]
+    better = magt["off_frac"] <= fm["off_frac"] and magt["mean_dist"] <= fm["mean_dist"]
+    either = magt["off_frac"] <= fm["off_frac"] or magt["mean_dist"] <= fm["mean_dist"]
+    rows = [{
+        "claim": f"MAGT concentrates samples nearer the support than flow matching when D >> d ({name})",
+        "protocol": f"{name}: {steps} steps, batch 256, configs/magt and configs/flow_matching ({config_set}.yaml); "
+                    f"10,000 samples; off-manifold = distance > {OFF_THRESHOLD}; MAGT 1 NFE vs flow matching "
+                    "(minibatch OT) 100 Euler steps",
+        "numbers": {f"{m}_{k}": round(v, 4) for m, r in found.items() for k, v in r.items()},
+        "verdict": "holds" if better else ("partly" if either else "does not hold"),
+        "note": f"off-manifold share MAGT {magt['off_frac']:.3f} vs FM {fm['off_frac']:.3f} (data "
+                f"{magt['off_frac_data']:.3f}); mean distance {magt['mean_dist']:.3f} vs {fm['mean_dist']:.3f}.",
+    }]
+    if registered:  # the targets are stated for the registered sets
+        w2_ok, off_ok = magt["ratio"] <= 1.2, magt["off_frac"] <= 2 * max(magt["off_frac_data"], 1e-4)
+        rows.append({
+            "claim": f"MAGT reaches <= 1.2x the W2 floor with an off-manifold share within 2x the data's ({name})",
+            "protocol": f"{name}: {steps} steps (configs/magt/{name}.yaml); W2 of 2,000 samples vs the first "
+                        "2,000 test points; floor W2(val, test); off-manifold share of 10,000 samples",
+            "numbers": {k: round(magt[k], 4) for k in ("w2", "floor", "ratio", "off_frac", "off_frac_data")},
+            "verdict": "holds" if w2_ok and off_ok else ("partly" if w2_ok or off_ok else "does not hold"),
+            "note": f"W2 {magt['ratio']:.2f}x the floor; off-manifold share {magt['off_frac']:.4f} against "
+                    f"the data's {magt['off_frac_data']:.4f}.",
+        })
+    return rows
+
+
+def _density_row(steps: int, numbers: dict) -> dict:
+    rho, mae = numbers["spearman"], numbers["log_density_mae"]
     return {
         "claim": "A trained MAGT's intrinsic log-density ranks its samples like the true density on the manifold",
-        "protocol": f"von Mises (kappa 2) on a radius-2 circle in R^16, noise 0.02; MAGT latent 1, "
+        "protocol": f"von Mises (kappa 2) on a radius-2 circle in R^16, noise 0.02; MAGT latent 1 with the "
                     f"configs/magt/helix64.yaml settings, {steps} steps; 2,000 samples: Spearman between "
                     "log p^M(g(z)) (area formula, raw units) and the true arc-length log-density at the angle",
-        "numbers": {"spearman": round(rho, 4), "log_density_mae": round(mae, 4),
-                    "true_log_density_range": round(float(logp_true.max() - logp_true.min()), 3),
-                    "degenerate_share": round(float(1 - finite.double().mean()), 4)},
+        "numbers": numbers,
         "verdict": "holds" if rho >= 0.8 else ("partly" if rho >= 0.3 else "does not hold"),
         "note": f"Spearman {rho:.3f}, mean absolute log-density error {mae:.3f} nats on a true range of "
-                f"{float(logp_true.max() - logp_true.min()):.2f} nats.",
+                f"{numbers['true_log_density_range']:.2f} nats.",
     }
 
 
-def measure(quick: bool = False) -> list[dict]:
-    """Every MAGT claim row (see the module docstring); ``quick`` trains 1,000 steps instead of 3,000-4,000."""
-    torch.set_num_threads(1)
-    return [*concentration(quick), intrinsic_density(quick)]
+def measure(quick: bool = False, jobs: int = 1) -> list[dict]:
+    """Every MAGT claim row (module docstring). ``quick``: 1,000 training steps per model instead of 4,000
+    (3,000 for the density claim). ``jobs``: independent trainings in that many processes (one thread each)."""
+    steps, density_steps = (1000, 1000) if quick else (4000, 3000)
+    tasks = {(method, name): (_train_and_score, method, config_set, key, steps)
+             for name, config_set, key in CONCENTRATION_SETS for method in ("magt", "flow_matching")}
+    tasks["density"] = (_vonmises_numbers, density_steps)
+    if jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {k: pool.submit(*task) for k, task in tasks.items()}
+            results = {k: f.result() for k, f in futures.items()}
+    else:
+        torch.set_num_threads(1)
+        results = {k: task[0](*task[1:]) for k, task in tasks.items()}
+    rows = []
+    for name, config_set, key in CONCENTRATION_SETS:
+        found = {m: results[(m, name)] for m in ("magt", "flow_matching")}
+        rows += _concentration_rows(name, config_set, key is None, steps, found)
+    return rows + [_density_row(density_steps, results["density"])]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 training steps per model")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings in parallel processes")
     parser.add_argument("--out", default=str(RESULT))
     args = parser.parse_args()
     start = time.time()
-    rows = measure(quick=args.quick)
+    rows = measure(quick=args.quick, jobs=args.jobs)
     record = {"quick": args.quick, "machine": "CPU, one thread", "wall_seconds": round(time.time() - start),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "claims": rows}
     out = Path(args.out)

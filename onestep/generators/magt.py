@@ -56,7 +56,7 @@ LOSS_WEIGHTS = ("inv_sigma2", "per_dim", "fisher")
 STANDARDIZATIONS = ("auto", "none", "per_coordinate", "global")
 DEFAULT_SIGMA = 0.2
 #: what ``standardize="auto"`` means for vector data (images: ``none``; they are already in [-1, 1])
-AUTO_VECTOR_STANDARDIZATION = "per_coordinate"
+AUTO_VECTOR_STANDARDIZATION = "global"
 
 
 def standardization_statistics(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
