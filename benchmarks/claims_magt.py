@@ -127,15 +127,21 @@ def _concentration_rows(name: str, config_set: str, registered: bool, steps: int
     magt, fm = found["magt"], found["flow_matching"]
     better = magt["off_frac"] <= fm["off_frac"] and magt["mean_dist"] <= fm["mean_dist"]
     either = magt["off_frac"] <= fm["off_frac"] or magt["mean_dist"] <= fm["mean_dist"]
+    # a reference far from its data (W2 > 1.5x the floor) makes "nearer than flow matching" a statement
+    # about the budget, not about the method: at most "partly" then
+    reference_converged = fm["ratio"] <= 1.5
+    caveat = "" if reference_converged else (f" Flow matching is not converged at this budget (W2 {fm['ratio']:.1f}x "
+                                             "the floor), so this compares equal budgets, not the methods at their best.")
     rows = [{
         "claim": f"MAGT concentrates samples nearer the support than flow matching when D >> d ({name})",
         "protocol": f"{name}: {steps} steps, batch 256, configs/magt and configs/flow_matching ({config_set}.yaml); "
                     f"10,000 samples; off-manifold = distance > {OFF_THRESHOLD}; MAGT 1 NFE vs flow matching "
                     "(minibatch OT) 100 Euler steps",
         "numbers": {f"{m}_{k}": round(v, 4) for m, r in found.items() for k, v in r.items()},
-        "verdict": "holds" if better else ("partly" if either else "does not hold"),
+        "verdict": ("holds" if reference_converged else "partly") if better else ("partly" if either else "does not hold"),
         "note": f"off-manifold share MAGT {magt['off_frac']:.3f} vs FM {fm['off_frac']:.3f} (data "
-                f"{magt['off_frac_data']:.3f}); mean distance {magt['mean_dist']:.3f} vs {fm['mean_dist']:.3f}.",
+                f"{magt['off_frac_data']:.3f}, whose 0.02-per-axis noise alone puts it ~{magt['mean_dist_data']:.2f} "
+                f"off); mean distance {magt['mean_dist']:.3f} vs {fm['mean_dist']:.3f}.{caveat}",
     }]
     if registered:  # the targets are stated for the registered sets
         w2_ok, off_ok = magt["ratio"] <= 1.2, magt["off_frac"] <= 2 * max(magt["off_frac_data"], 1e-4)
@@ -187,17 +193,37 @@ def measure(quick: bool = False, jobs: int = 1) -> list[dict]:
     return rows + [_density_row(density_steps, results["density"])]
 
 
+def rows_from_record(record: dict) -> list[dict]:
+    """The claim rows re-derived from a saved record's numbers (verdict and note logic only; no training)."""
+    steps = 1000 if record["quick"] else 4000
+    numbers = {r["claim"].rsplit("(", 1)[-1].rstrip(")"): r["numbers"] for r in record["claims"] if "than flow" in r["claim"]}
+    rows = []
+    for name, config_set, key in CONCENTRATION_SETS:
+        found = {m: {k[len(m) + 1:]: v for k, v in numbers[name].items() if k.startswith(m + "_")}
+                 for m in ("magt", "flow_matching")}
+        found["magt"] = {k: v for k, v in found["magt"].items() if not k.startswith("matching")}
+        rows += _concentration_rows(name, config_set, key is None, steps, found)
+    density = next(r for r in record["claims"] if "intrinsic" in r["claim"])
+    return rows + [_density_row(1000 if record["quick"] else 3000, density["numbers"])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 training steps per model")
     parser.add_argument("--jobs", type=int, default=1, help="trainings in parallel processes")
     parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument("--rederive", action="store_true", help="recompute verdicts and notes of --out's numbers")
     args = parser.parse_args()
-    start = time.time()
-    rows = measure(quick=args.quick, jobs=args.jobs)
-    record = {"quick": args.quick, "machine": "CPU, one thread", "wall_seconds": round(time.time() - start),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "claims": rows}
     out = Path(args.out)
+    if args.rederive:
+        record = json.loads(out.read_text())
+        rows = record["claims"] = rows_from_record(record)
+    else:
+        start = time.time()
+        rows = measure(quick=args.quick, jobs=args.jobs)
+        record = {"quick": args.quick, "machine": "2-core shared CPU VM (heavily loaded), one thread per training",
+                  "wall_seconds": round(time.time() - start), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                  "claims": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
