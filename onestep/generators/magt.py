@@ -28,6 +28,13 @@ one anchor set shared by the minibatch, drawn fresh every step. ``map_laplace`` 
 from the Laplace approximation ``N(u*, H^-1)`` at the MAP latent (``H = I + J^T J / sigma^2``) to the shared
 prior anchors, weighted as a defensive mixture (see :meth:`MAGT.posterior_mean`).
 Intrinsic densities and projections: :mod:`onestep.generators.magt_density`.
+
+Standardisation (spec section 2 and #9). The loss runs on ``x_s = (x - mu) / s``, with ``mu`` and ``s``
+estimated from the training data when fitting starts and kept in buffers (they travel with checkpoints);
+the network ``net`` maps latents to standardised data and :meth:`MAGT.g` composes it with
+``y -> mu + s y``, so samples, densities and metrics stay in the datamodule's units. ``sigma`` is therefore
+in standardised units. ``per_coordinate`` takes each coordinate's mean and std; ``global`` keeps the
+geometry (one scale, the RMS of the coordinate stds); ``none`` trains on the data as it comes.
 """
 
 from __future__ import annotations
@@ -46,7 +53,25 @@ from onestep.nets import build_backbone
 
 PROPOSALS = ("mc", "qmc", "map_laplace")
 LOSS_WEIGHTS = ("inv_sigma2", "per_dim", "fisher")
+STANDARDIZATIONS = ("auto", "none", "per_coordinate", "global")
 DEFAULT_SIGMA = 0.2
+#: what ``standardize="auto"`` means for vector data (images: ``none``; they are already in [-1, 1])
+AUTO_VECTOR_STANDARDIZATION = "global"
+
+
+def standardization_statistics(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """``(mu, s)`` of flattened data ``x (N, D)``: per-coordinate mean and std, or the mean and one scale
+    (the RMS of the coordinate stds, so the geometry is kept); ``none`` gives ``(0, 1)``. float32, ``(D,)``."""
+    x = x.flatten(1).double()
+    if kind == "none":
+        return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    mean, std = x.mean(0), x.std(0)
+    if kind == "global":
+        std = std.pow(2).mean().sqrt().expand_as(mean)
+    _check(bool((std > 0).all()) and bool(torch.isfinite(std).all()),
+           f"standardize={kind!r}: the training data have a coordinate of zero or non-finite spread; "
+           "use standardize: global or none")
+    return mean.float(), std.float()
 
 
 def anchor_logits(x_tilde: Tensor, images: Tensor, sigma: float) -> Tensor:
@@ -95,7 +120,7 @@ class MAGT(OneStepGenerator):
 
     Args:
         latent_dim: dimension d of the Gaussian base (>= 1); the intrinsic dimension for toy manifolds.
-        sigma: smoothing level in normalised data units (> 0); default 0.2 when neither it nor ``tau`` is set.
+        sigma: smoothing level in standardised data units (> 0); default 0.2 when neither it nor ``tau`` is set.
         tau: alternative level on the path ``tau x + (1 - tau) z`` in (0, 1); ``sigma = (1 - tau) / tau``.
         n_anchors: K, prior anchors per step, shared by the batch (``map_laplace`` adds per-point draws and
             starts its MAP search at the best of them).
@@ -104,12 +129,16 @@ class MAGT(OneStepGenerator):
             the Fisher divergence of the smoothed laws up to a constant; always logged as ``loss_fisher_scaled``).
         detach_weights: ablation only: stop the gradient through the weights (biased even as K -> inf).
         n_noise: noise draws per data point and step.
-        laplace_anchors, map_steps: ``map_laplace`` only: Laplace draws per data point (added to the K shared
+        laplace_anchors, map_steps: MAP-Laplace only: Laplace draws per data point (added to the K shared
             anchors) and Levenberg-Marquardt steps of the MAP search.
+        laplace_fallback_ess: ``mc``/``qmc`` only: a step whose mean ESS is below this uses MAP-Laplace
+            (0: never; the spec suggests 5).
         eval_points: generated points whose intrinsic log-density ``extra_eval_metrics`` averages (0: off).
         eval_projection_points: held-out reference points projected onto the learned manifold at
             evaluation (0: off); reports the residual and the log-density at the projection.
         backbone: generator spec; default an MLP (vectors) or ``conv_decoder`` (images), no time input.
+        standardize: ``per_coordinate``, ``global`` or ``none`` (module docstring); ``auto`` is
+            :data:`AUTO_VECTOR_STANDARDIZATION` for vectors and ``none`` for images.
     """
 
     nfe = 1
@@ -128,8 +157,10 @@ class MAGT(OneStepGenerator):
         n_noise: int = 1,
         laplace_anchors: int = 16,
         map_steps: int = 5,
+        laplace_fallback_ess: float = 0.0,
         eval_points: int = 512,
         eval_projection_points: int = 0,
+        standardize: str = "auto",
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
@@ -149,16 +180,55 @@ class MAGT(OneStepGenerator):
         _check(loss_weight in LOSS_WEIGHTS, f"loss_weight must be one of {LOSS_WEIGHTS}, got {loss_weight!r}")
         self.latent_dim, self.sigma, self.n_anchors, self.proposal = latent_dim, float(sigma), n_anchors, proposal
         self.loss_weight, self.detach_weights, self.n_noise = loss_weight, bool(detach_weights), n_noise
+        _check(math.isfinite(laplace_fallback_ess) and laplace_fallback_ess >= 0,
+               f"laplace_fallback_ess must be a finite number >= 0 (0: off), got {laplace_fallback_ess}")
         self.laplace_anchors, self.map_steps = laplace_anchors, map_steps
+        self.laplace_fallback_ess, self.used_laplace = float(laplace_fallback_ess), False
         self.eval_points, self.eval_projection_points = eval_points, eval_projection_points
         is_image = len(self.data_shape) == 3
+        _check(standardize in STANDARDIZATIONS, f"standardize must be one of {STANDARDIZATIONS}, got {standardize!r}")
+        if standardize == "auto":
+            standardize = "none" if is_image else AUTO_VECTOR_STANDARDIZATION
+        _check(not (is_image and standardize == "per_coordinate"),
+               "standardize='per_coordinate' is not for images (constant border pixels); use global or none")
+        self.standardize = standardize
+        flat = math.prod(self.data_shape)
+        self.register_buffer("data_shift", torch.zeros(flat))
+        self.register_buffer("data_scale", torch.ones(flat))
+        self.register_buffer("standardization_fitted", torch.tensor(standardize == "none"))
         spec = dict(backbone) if backbone else {"name": "conv_decoder" if is_image else "mlp"}
         self.net = build_backbone(spec, (latent_dim,), self.data_shape, time_conditioned=False)
 
     # ------------------------------------------------------------------ generator
     def g(self, u: Tensor) -> Tensor:
         """The transport map ``g(u)``: latents ``(N, d)`` -> normalised data ``(N, *data_shape)``."""
-        return self.net(u)
+        return self.unstandardize(self.net(u).flatten(1)).view(len(u), *self.data_shape)
+
+    def g_standardized(self, u: Tensor) -> Tensor:
+        """The network alone: latents ``(N, d)`` -> standardised data, flattened ``(N, D)`` (training space)."""
+        return self.net(u).flatten(1)
+
+    def unstandardize(self, y: Tensor) -> Tensor:
+        """``mu + s y`` for flattened standardised points ``y (N, D)`` (any float dtype)."""
+        return self.data_shift.to(y.dtype) + self.data_scale.to(y.dtype) * y
+
+    def fit_standardization(self, x: Tensor) -> None:
+        """Set ``mu`` and ``s`` from training data ``x (N, *data_shape)`` in the datamodule's units."""
+        mean, std = standardization_statistics(x, self.standardize)
+        self.data_shift.copy_(mean)
+        self.data_scale.copy_(std)
+        self.standardization_fitted.fill_(True)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if bool(self.standardization_fitted):  # standardize=none, or restored from a checkpoint
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data = getattr(datamodule, "train_data", None)
+        _check(isinstance(data, Tensor),
+               f"standardize={self.standardize!r} needs the training data: the datamodule has no train_data "
+               "tensor; call fit_standardization(x) before fitting or set standardize: none")
+        self.fit_standardization(data[:200_000].to(self.data_shift.device))
 
     def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.g(self.randn(n, (self.latent_dim,), generator))
@@ -188,8 +258,8 @@ class MAGT(OneStepGenerator):
         """
         d, s2 = self.latent_dim, self.sigma**2
         start = (anchor_logits(x_tilde, bank_images, self.sigma) + standard_normal_log_prob(bank)[None]).argmax(1)
-        u_star, _ = levenberg_marquardt(self.g, x_tilde.float(), bank[start], s2, self.map_steps)
-        jac = jacobian(self.g, u_star, dtype=torch.float32)                      # (B, D, d)
+        u_star, _ = levenberg_marquardt(self.g_standardized, x_tilde.float(), bank[start], s2, self.map_steps)
+        jac = jacobian(self.g_standardized, u_star, dtype=torch.float32)          # (B, D, d)
         chol = torch.linalg.cholesky(torch.eye(d, device=self.device) + jac.transpose(1, 2) @ jac / s2)  # H = C C^T
         upper = chol.transpose(1, 2)
         eps = torch.randn(len(x_tilde), self.laplace_anchors, d, device=self.device)
@@ -202,21 +272,32 @@ class MAGT(OneStepGenerator):
         return local, log_density(local), log_density(bank.expand(len(x_tilde), -1, -1))
 
     def posterior_mean(self, x_tilde: Tensor) -> tuple[Tensor, Tensor]:
-        """Anchor estimate ``m^(x~) (B, D)`` of ``E[g(U) | x~]`` and the weights, differentiable in the net.
+        """Anchor estimate ``m^(x~) (B, D)`` of ``E[g(U) | x~]`` (standardised units) and the weights,
+        differentiable in the net. Sets :attr:`used_laplace` (whether this call used MAP-Laplace anchors).
 
-        ``map_laplace`` adds ``L`` per-point Laplace draws to the K shared prior anchors and weighs all
-        ``N = K + L`` with the deterministic-mixture proposal ``q_i = (K/N) pi + (L/N) N(u*_i, H_i^-1)``:
-        the prior share bounds every weight by ``N/K`` times the likelihood (finite variance even where the
-        Laplace tails are too light) and keeps the global anchors that see mass far from ``u*``.
+        With ``mc``/``qmc`` and ``laplace_fallback_ess > 0``, a batch whose mean ESS under the prior anchors
+        is below that threshold (the nearest-anchor regime, spec #4) is re-estimated with MAP-Laplace.
         """
         bank = self.draw_anchors(self.n_anchors)
-        images = self.g(bank).flatten(1)                                          # (K, D)
-        if self.proposal != "map_laplace":
+        images = self.g_standardized(bank)                                        # (K, D)
+        self.used_laplace = self.proposal == "map_laplace"
+        if not self.used_laplace:
             weights = snis_weights(x_tilde, images, self.sigma)
-            weights = weights.detach() if self.detach_weights else weights
-            return weighted_mean(weights, images), weights
+            self.used_laplace = (self.laplace_fallback_ess > 0  # (no device sync when the fallback is off)
+                                 and float(effective_sample_size(weights.detach()).mean()) < self.laplace_fallback_ess)
+            if not self.used_laplace:
+                weights = weights.detach() if self.detach_weights else weights
+                return weighted_mean(weights, images), weights
+        return self._laplace_posterior_mean(x_tilde, bank, images)
+
+    def _laplace_posterior_mean(self, x_tilde: Tensor, bank: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
+        """MAP-Laplace: ``L`` per-point Laplace draws added to the K shared prior anchors, all ``N = K + L``
+        weighed with the deterministic-mixture proposal ``q_i = (K/N) pi + (L/N) N(u*_i, H_i^-1)``: the prior
+        share bounds every weight by ``N/K`` times the likelihood (finite variance even where the Laplace
+        tails are too light) and keeps the global anchors that see mass far from ``u*``.
+        """
         local, log_laplace_local, log_laplace_bank = self.laplace_proposal(x_tilde, bank, images.detach())
-        local_images = self.g(local.flatten(0, 1)).reshape(*local.shape[:2], -1)  # (B, L, D)
+        local_images = self.g_standardized(local.flatten(0, 1)).reshape(*local.shape[:2], -1)  # (B, L, D)
         k, n = self.n_anchors, self.n_anchors + self.laplace_anchors
         log_prior_bank, log_prior_local = standard_normal_log_prob(bank)[None], standard_normal_log_prob(local)
 
@@ -234,7 +315,10 @@ class MAGT(OneStepGenerator):
 
     # ------------------------------------------------------------------ training
     def loss(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        x = x.flatten(1).float()
+        _check(bool(self.standardization_fitted),
+               f"MAGT: standardize={self.standardize!r} but the statistics are not set; train through a Trainer "
+               "whose datamodule has train_data, call fit_standardization(x) first, or set standardize: none")
+        x = (x.flatten(1).float() - self.data_shift) / self.data_scale
         if self.n_noise > 1:
             x = x.repeat(self.n_noise, 1)
         x_tilde = x + self.sigma * torch.randn_like(x)
@@ -245,14 +329,21 @@ class MAGT(OneStepGenerator):
         ess = effective_sample_size(w)
         logs = {"mse": mse.detach(), "loss_fisher_scaled": mse.detach() * self.sigma**-4,
                 "ess_mean": ess.mean(), "ess_min": ess.min(), "weight_max": w.max(),
-                "weight_max_mean": w.max(-1).values.mean()}
+                "weight_max_mean": w.max(-1).values.mean(),
+                "laplace_step": torch.tensor(float(self.used_laplace))}
         return mse * scale, logs
 
     # ------------------------------------------------------------------ likelihood and projection
-    def _raw_output(self):
-        """The datamodule's (affine) ``denormalize`` when attached, so densities are in raw units."""
+    def _raw_output(self, raw_units: bool = True):
+        """Standardised network output -> the datamodule's units, then (``raw_units``, when a datamodule is
+        attached) its affine ``denormalize``: the map whose Jacobian gives densities in those units."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(datamodule, "denormalize", None)
+        denormalize = getattr(datamodule, "denormalize", None) if raw_units else None
+
+        def post(y: Tensor) -> Tensor:
+            x = self.unstandardize(y.flatten(1)).view(len(y), *self.data_shape)
+            return denormalize(x) if denormalize is not None else x
+        return post
 
     def intrinsic_log_density(self, z: Tensor, raw_units: bool = False) -> Tensor:
         """``log p^M(g(z))`` (nats, float64, ``(N,)``) of generated points ``g(z)`` by the area formula.
@@ -260,8 +351,7 @@ class MAGT(OneStepGenerator):
         Current weights (wrap in :meth:`ema_weights` for the averaged model). ``raw_units`` composes
         ``g`` with the attached datamodule's ``denormalize``.
         """
-        post = self._raw_output() if raw_units else None
-        return intrinsic_log_density(self.net, z.to(self.device), post=post)[0]
+        return intrinsic_log_density(self.net, z.to(self.device), post=self._raw_output(raw_units))[0]
 
     def project(self, x: Tensor, n_starts: int = 4, steps: int = 30, prior_weight: float = 0.0,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -306,6 +396,6 @@ class MAGT(OneStepGenerator):
         raw = datamodule.reference("test", self.eval_projection_points).to(self.device)
         z, _ = self.project(datamodule.normalize(raw), generator=torch.Generator().manual_seed(1))
         residual = (datamodule.denormalize(self.g(z)) - raw).flatten(1).norm(dim=1)
-        logp = intrinsic_log_density(self.net, z, post=datamodule.denormalize)[0]
+        logp = intrinsic_log_density(self.net, z, post=self._raw_output())[0]
         return {"eval/heldout_residual_mean": float(residual.mean()),
                 "eval/heldout_intrinsic_logp": float(logp[torch.isfinite(logp)].mean())}
