@@ -47,6 +47,7 @@ _CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':\s*$")
 _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
 _GIVEN_CLASS = re.compile(r"class_path='([^']+)'")
 _WRONG_NUMBER = re.compile(r"^Expected a <class '(float|int)'>(?:\. Got value: (.*))?$")
+_WRONG_CHOICE = re.compile(r"^Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$")
 _GLUED_YAML = re.compile(r"[{,]\s*[A-Za-z_]\w*:[^\s/]")  # `{name:mlp}`: YAML reads one key "name:mlp"
 _NON_FINITE = ("nan", ".nan", "inf", "+inf", "-inf", ".inf", "-.inf", "infinity", "-infinity")
 _TYPE_WORDS = {"float": "a finite number", "int": "an integer"}
@@ -111,6 +112,9 @@ def _explain(reasons: list[str], option: str, class_path: str | None, given: str
                 reason = f"got {value}; nan and inf are not allowed, use a finite number"
             stated = _stated_range(class_path, name) if class_path and name else None
             reason += f" ({name} must {stated})" if stated else ""
+        elif _WRONG_CHOICE.match(reason):
+            choices, value = _WRONG_CHOICE.match(reason).groups()
+            reason = f"got {value!r}; use one of {', '.join(c.strip().strip(chr(39)) for c in choices.split(','))}"
         elif _NOT_ACCEPTED.match(reason) and class_path:
             cls = class_path.rsplit(".", 1)[-1]
             reason = (f"{_NOT_ACCEPTED.match(reason).group(1)!r} is not an option of {cls}; "

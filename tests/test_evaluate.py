@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -107,9 +108,12 @@ def test_evaluate_takes_protocol_overrides_and_refuses_a_bad_file(trained, tmp_p
     ("otnfm", "8gaussians", r"model FlowMatching \(checkpoint\) vs OTNFM \(configuration\)"),
     ("flow_matching", "moons2d", r"dataset 8gaussians \(checkpoint\) vs moons2d \(configuration\)"),
 ])
-def test_fit_refuses_a_checkpoint_of_another_model_or_dataset(method, config, match, trained, tmp_path):
-    with pytest.raises(CheckpointMismatchError, match=match + ".*config.yaml"):
-        main(fit_args(method, tmp_path, config) + ["--ckpt_path", str(trained["flow_matching"])])
+def test_fit_refuses_a_checkpoint_of_another_model_or_dataset(method, config, match, trained, tmp_path, capsys):
+    assert main(fit_args(method, tmp_path, config) + ["--ckpt_path", str(trained["flow_matching"])]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search("^onestep: error: .*" + match + ".*config.yaml", last_line), last_line
+    with pytest.raises(CheckpointMismatchError, match=match + ".*config.yaml"):  # --debug: the exception itself
+        main(["--debug"] + fit_args(method, tmp_path, config) + ["--ckpt_path", str(trained["flow_matching"])])
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -119,13 +123,13 @@ def test_fit_refuses_a_checkpoint_of_another_data_shape(trained, tmp_path):
     torch.save(checkpoint, tmp_path / "other_shape.ckpt")
     args = fit_args("otnfm", tmp_path / "out") + ["--ckpt_path", str(tmp_path / "other_shape.ckpt")]
     with pytest.raises(CheckpointMismatchError, match=r"data shape \(3,\) \(checkpoint\) vs \(2,\)"):
-        main(args)
+        main(["--debug"] + args)
     assert not list((tmp_path / "out").rglob("*.ckpt"))
 
 
 def test_ckpt_path_last_resumes_the_newest_version_or_is_refused(trained, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no checkpoint .*version_\*"):
-        main(fit_args("otnfm", tmp_path) + ["--ckpt_path", "last"])
+        main(["--debug"] + fit_args("otnfm", tmp_path) + ["--ckpt_path", "last"])
     assert not list(tmp_path.rglob("*.ckpt"))
     run = trained["otnfm"].parents[2]
     newer = run / "version_7" / "checkpoints"
