@@ -69,10 +69,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     overrides = {"distance_inputs": args.distance_inputs} if args.distance_inputs else {}
-    rows = [sweep(d, args.steps, args.n, overrides) for d in args.datasets]
     out = {"command": "python benchmarks/lmppm_generation_sweep.py " + " ".join(sys.argv[1:]),
-           "machine": "2-core shared CPU VM, loaded; one thread", "rows": rows}
-    Path(args.out).write_text(json.dumps(out, indent=1))
+           "machine": "2-core shared CPU VM, loaded; one thread", "rows": []}
+    for dataset in args.datasets:  # written after each dataset: a stopped run keeps what it measured
+        out["rows"].append(sweep(dataset, args.steps, args.n, overrides))
+        Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,24 @@ def test_bad_options_and_a_test_split_bank_are_refused():
         LMPPM(data_shape=(2,), **VECTOR_NETS).sample(3)
 
 
+def test_tensor_latent_round_trip_and_bad_shapes():
+    """Spec §5's 4x8x8 latent: 28x28 images pad to 32, two 2x steps; codes reach D and the kernel flat."""
+    model = LMPPM(data_shape=(1, 28, 28), latent_shape=[4, 8, 8], encoder={"name": "conv_encoder", "base_channels": 8},
+                  decoder={"name": "conv_decoder", "base_channels": 8}, distance_net={"name": "mlp", "hidden": [16]})
+    x = torch.randn(3, 1, 28, 28)
+    assert model.encoder(x).shape == (3, 4, 8, 8) and model.latent_dim == 256
+    z = model.encode(x)
+    assert z.shape == (3, 256) and model.decode(z).shape == (3, 1, 28, 28) and model.distance(z).shape == (3,)
+    assert torch.equal(model.decode(z), model.decoder(z.view(3, 4, 8, 8)))
+    with pytest.raises(ValueError, match="latent_shape must be a tensor latent"):
+        LMPPM(data_shape=(1, 28, 28), latent_shape=[4, 8])
+    with pytest.raises(ValueError, match="exceeds the image"):
+        LMPPM(data_shape=(1, 28, 28), latent_shape=[4, 32, 32])
+    for option, value in (("distance_inputs", "pixels"), ("consistency_target", "ae"), ("anneal_h", 0.5)):
+        with pytest.raises(ValueError, match=option):
+            LMPPM(data_shape=(2,), **{option: value})
+
+
 def test_nfe_counts_distance_evaluations_plus_one_decode():
     assert LMPPM(data_shape=(2,), steps=5).nfe == 6
     assert LMPPM(data_shape=(2,), steps=1).nfe == 2  # the one-step setting
@@ -233,8 +251,10 @@ def test_restore_beats_the_noisy_input_after_short_mnist_training(tmp_path, caps
     dm.setup()
     clean = dm.test_data[:64]
     rows = evaluate_restoration({"lmppm": model.restore, "dae": lambda v: model.restore(v, mode="dae"),
+                                 "projection_only": lambda v: model.restore(v, alpha=0.0),
                                  "untrained": untrained.restore}, clean, noise_levels=(0.5,))
     score = {r["method"]: r["psnr"] for r in rows}
+    open("/tmp/lmppm_scores.txt", "w").write(repr(score))
     assert score["lmppm"] > score["noisy"] and score["lmppm"] > score["untrained"] + 3, score
     assert score["dae"] > score["noisy"], score
     noisy = add_gaussian_noise(clean, 0.5)

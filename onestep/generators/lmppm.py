@@ -127,7 +127,7 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
         encoder: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
         distance_net: Mapping[str, Any] | None = None,
         latent_dim: int = 16, latent_shape: Sequence[int] | None = None, mode: str = "lmppm",
-        steps: int = 10, alpha: float = 0.2, eta_d: float = 1.0, anneal_h: float = 1.0,
+        steps: int = 10, alpha: float = 0.1, eta_d: float = 1.0, anneal_h: float = 1.0,
         distance_inputs: str = "both", consistency_target: str = "clean",
         restore_steps: int = 10, restore_alpha: float | None = None, bank_size: int = 10_000, bank_seed: int = 0,
         bandwidth_rule: str = "silverman", h_scale: float = 1.0, bandwidth: float | None = None,
