@@ -97,7 +97,7 @@ def _diagnostics(model: LMPPM, clean: torch.Tensor) -> dict[str, float]:
 def measure(quick: bool = False) -> list[dict]:
     """Train (stage 1 once, stage 2 per variant), restore, score; returns the claim rows."""
     torch.set_num_threads(1)
-    ae_steps, d_steps, n_train, n_test = (40, 20, 1024, 32) if quick else (500, 200, 60000, 200)
+    ae_steps, d_steps, n_train, n_test = (40, 20, 1024, 32) if quick else (300, 150, 60000, 200)
     start = time.time()
     dm = OneStepDataModule("mnist", batch_size=64, n_train=n_train, n_val=64, n_test=n_test, seed=0)
     dm.setup()

@@ -254,9 +254,14 @@ def test_restore_beats_the_noisy_input_after_short_mnist_training(tmp_path, caps
                                  "projection_only": lambda v: model.restore(v, alpha=0.0),
                                  "untrained": untrained.restore}, clean, noise_levels=(0.5,))
     score = {r["method"]: r["psnr"] for r in rows}
-    open("/tmp/lmppm_scores.txt", "w").write(repr(score))
     assert score["lmppm"] > score["noisy"] and score["lmppm"] > score["untrained"] + 3, score
     assert score["dae"] > score["noisy"], score
+    # the claim, on the same noisy inputs: LMPPM against the DAE projection G(F(x~)) it starts from. What
+    # holds (measured here: dae 16.51, projection only 16.47, lmppm 16.26 dB): D's projection leaves the
+    # DAE's restoration as it is (the encoder already maps x~ onto the clean codes) and the kernel step
+    # costs a little; LMPPM does not reach DAE + 1 dB (benchmarks/claims_lmppm.py measures it at scale)
+    assert abs(score["projection_only"] - score["dae"]) < 0.3, score
+    assert score["dae"] - 1.0 < score["lmppm"] < score["dae"] + 0.3, score
     noisy = add_gaussian_noise(clean, 0.5)
     assert torch.equal(noisy, add_gaussian_noise(clean, 0.5))  # every method sees the same noise
     assert model.restore(noisy).shape == clean.shape and model.sample(4).shape == (4, 1, 28, 28)

@@ -49,7 +49,8 @@ kernel steps only; ``dae`` = the autoencoder projection: restore :math:`G(F(\til
    .. math:: \lambda_{cons}\|\pi(\tilde z) - t\|^2 + \lambda_{den}\|\pi(\tilde z) - z\|^2
              + \lambda_{eik}(\|\nabla D(\tilde z)\| - 1)^2 + \lambda_{zero} D(z)^2,
 
-   latent squared errors divided by :math:`d s^2` so the weights do not depend on the code scale. The
+   latent squared distances (:math:`D^2` included) divided by :math:`d s^2` so the weights do not depend on
+   the code scale or size. The
    consistency target :math:`t` is the clean code :math:`z` (spec Algorithm 1, ``consistency_target:
    clean``) or :math:`sg[F(G(\tilde z))]` (``reencoded``); the latter pulls D away from the denoising
    target: on MNIST :math:`|F(G(\tilde z)) - z| / |\tilde z - z|` = 0.74-0.94, i.e. the re-encoded code is
@@ -290,7 +291,9 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
         else:  # the clean code: the consistency term is the denoising term
             cons = den
         eik = (grad.norm(dim=1) - 1).square().mean()
-        zero = self.distance(z).square().mean() / scale**2
+        # D^2 is a squared latent distance like the two above: the same unit (per-dimension scale / s^2 alone
+        # made it d times stronger; at d = 256 that drove softplus into saturation, D = 0 and dead in 30 steps)
+        zero = self.distance(z).square().mean() / unit
         w = self.loss_weights
         total = w["cons"] * cons + w["den"] * den + w["eik"] * eik + w["zero"] * zero
         return total, {"cons": cons.detach(), "den": den.detach(), "eik": eik.detach(), "zero": zero.detach(),
