@@ -133,7 +133,7 @@ def measure(quick: bool = False) -> list[dict]:
     protocol = (f"MNIST, {n_train} train digits, 4x8x8 conv AE (base 8) trained {ae_steps} steps (batch 64, lr 1e-3, "
                 f"DAE sigma ~ U(0.05, 1)), then D (MLP 3x256) {d_steps} steps per variant from that checkpoint; "
                 f"first {n_test} test digits; Gaussian sigma {list(SIGMAS)} and a 10x10 block mask; blind; "
-                f"K = 10, restore_alpha 0.01; PSNR/SSIM in [0, 1]; {minutes:.1f} min on one CPU thread"
+                f"K = 10, restore_alpha 0.01; PSNR/SSIM in [0, 1]; {minutes:.1f} min wall, one thread, loaded 2-core VM"
                 + (" (quick: a smoke run, not a measurement)" if quick else ""))
     return [{"claim": "LMPPM blind restoration beats the DAE projection by >= 1 dB PSNR at sigma >= 0.5 (MNIST)",
              "protocol": protocol, "numbers": {"scores": scores, "psnr_gain_over_dae": gain,
