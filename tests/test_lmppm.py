@@ -9,8 +9,9 @@ from conftest import fit_quietly, needs_mnist
 from torch.nn import functional as F
 
 from onestep.data import OneStepDataModule
+from onestep.generators.latent_flow import _sq_dist, annealed_bandwidths, kernel_mean
 from onestep.generators.lmppm import LMPPM, kernel_step, nn_distance, projection_step, sne_alignment
-from onestep.generators.restoration import add_gaussian_noise, evaluate_restoration, psnr, ssim
+from onestep.generators.restoration import add_block_mask, add_gaussian_noise, evaluate_restoration, psnr, ssim
 from onestep.generators.restoration import main as restoration_main
 
 VECTOR_NETS = dict(encoder={"name": "mlp", "hidden": [64, 64]}, decoder={"name": "mlp", "hidden": [64, 64]},
@@ -41,6 +42,30 @@ def test_kernel_step_is_the_mean_shift_step():
     log_kde = torch.logsumexp(-(zz[:, None] - bank[None]).square().sum(-1) / (2 * h * h), dim=1)
     (score,) = torch.autograd.grad(log_kde.sum(), zz)
     assert torch.allclose(kernel_step(z, bank, h, alpha=0.3), z + 0.3 * h * h * score, atol=1e-10)
+
+
+def test_fused_kernel_mean_equals_the_distance_softmax_form():
+    """The fast kernel (fused logits, row blocks, flushed subnormals) computes the textbook mean shift,
+    also where far codes get subnormal weights, and leaves the flush-denormal flag off afterwards."""
+    g = torch.Generator().manual_seed(4)
+    bank, z = torch.randn(3000, 4, generator=g), 3 * torch.randn(700, 4, generator=g)
+    for h in (0.05, 0.3, torch.tensor(1.0)):
+        textbook = torch.softmax(-_sq_dist(z.double(), bank.double()) / (2 * float(h) ** 2), dim=1) @ bank.double()
+        # fp32 rounding of logits ~1e4 at h = 0.05 (the distance form is off by 1e-4 there too)
+        assert torch.allclose(kernel_mean(z, bank, h, chunk=128).double(), textbook, atol=1e-3), h
+    tiny = torch.tensor([1e-39])
+    assert tiny.item() != 0.0  # subnormals are kept outside the kernel step
+    assert annealed_bandwidths(0.5, 3, 4.0) == pytest.approx([2.0, 1.0, 0.5]) and annealed_bandwidths(0.5, 1, 4.0) == [0.5]
+
+
+def test_block_mask_covers_one_central_block_per_image():
+    x = torch.zeros(5, 1, 28, 28)
+    masked = add_block_mask(x, 10, seed=1)
+    assert torch.equal((masked == -1).flatten(1).sum(1), torch.full((5,), 100))
+    assert torch.equal(masked, add_block_mask(x, 10, seed=1)) and not torch.equal(masked, add_block_mask(x, 10, seed=2))
+    assert (masked[..., :7, :] == 0).all() and (masked[..., 21:, :] == 0).all()  # never in the border
+    with pytest.raises(ValueError, match="size must lie in"):
+        add_block_mask(x, 20)
 
 
 def test_ssim_and_psnr_known_values():
@@ -85,6 +110,24 @@ def test_bad_options_and_a_test_split_bank_are_refused():
         LMPPM(data_shape=(2,), mode="pixel")
     with pytest.raises(RuntimeError, match="no kernel bank"):
         LMPPM(data_shape=(2,), **VECTOR_NETS).sample(3)
+
+
+def test_tensor_latent_round_trip_and_bad_shapes():
+    """Spec §5's 4x8x8 latent: 28x28 images pad to 32, two 2x steps; codes reach D and the kernel flat."""
+    model = LMPPM(data_shape=(1, 28, 28), latent_shape=[4, 8, 8], encoder={"name": "conv_encoder", "base_channels": 8},
+                  decoder={"name": "conv_decoder", "base_channels": 8}, distance_net={"name": "mlp", "hidden": [16]})
+    x = torch.randn(3, 1, 28, 28)
+    assert model.encoder(x).shape == (3, 4, 8, 8) and model.latent_dim == 256
+    z = model.encode(x)
+    assert z.shape == (3, 256) and model.decode(z).shape == (3, 1, 28, 28) and model.distance(z).shape == (3,)
+    assert torch.equal(model.decode(z), model.decoder(z.view(3, 4, 8, 8)))
+    with pytest.raises(ValueError, match="latent_shape must be a tensor latent"):
+        LMPPM(data_shape=(1, 28, 28), latent_shape=[4, 8])
+    with pytest.raises(ValueError, match="exceeds the image"):
+        LMPPM(data_shape=(1, 28, 28), latent_shape=[4, 32, 32])
+    for option, value in (("distance_inputs", "pixels"), ("consistency_target", "ae"), ("anneal_h", 0.5)):
+        with pytest.raises(ValueError, match=option):
+            LMPPM(data_shape=(2,), **{option: value})
 
 
 def test_nfe_counts_distance_evaluations_plus_one_decode():
@@ -152,6 +195,48 @@ def test_two_stages_learn_a_distance_and_survive_checkpoints(tmp_path):
     assert torch.equal(resumed.bank, model.bank)
 
 
+def _resume(model, dm, steps, ckpt):
+    L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, accelerator="cpu").fit(model, datamodule=dm, ckpt_path=str(ckpt))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint", "ignore:LMPPM. the distance stage")
+def test_distance_trained_on_encoded_distortions_projects_the_restoration_error(tmp_path):
+    """One autoencoder, two D recipes. With D trained on codes of distorted data, the projection leaves the
+    encoder's restoration error F(x~) - F(x) about as it is (measured ratio 1.06: the denoising encoder
+    already maps x~ close to the clean-code set, so most of the error runs *along* that set where a
+    distance cannot see it); D trained on isotropic latent noise makes it worse (measured 1.55). And
+    the EMA restarts at the stage switch: two steps later the EMA of D is near D, not at its untrained
+    weights."""
+    torch.manual_seed(0)
+    dm = OneStepDataModule("rings2d", batch_size=128, n_train=1024, n_test=256)
+    kw = dict(data_shape=dm.data_shape, latent_dim=4, ae_steps=150, sigma_max=0.3, lr=3e-3, ema_decay=0.999,
+              **VECTOR_NETS)
+    trainer = fit_quietly(LMPPM(**kw), dm, 150)
+    trainer.save_checkpoint(tmp_path / "ae.ckpt")
+    clean = dm.test_data
+    noisy = add_gaussian_noise(clean, 0.25, seed=5)
+    ratio = {}
+    for inputs in ("encoded", "latent_noise"):
+        torch.manual_seed(1)
+        model = _resume(LMPPM(distance_inputs=inputs, **kw), dm, 350, tmp_path / "ae.ckpt")
+        with model.ema_weights(), torch.no_grad():
+            z, z_noisy = model.encode(clean), model.encode(noisy)
+            projected = projection_step(z_noisy, model.distance)[0]
+            ratio[inputs] = ((projected - z).norm(dim=1).mean() / (z_noisy - z).norm(dim=1).mean()).item()
+    assert ratio["encoded"] < 1.1 and ratio["encoded"] < ratio["latent_noise"] - 0.1, ratio
+
+    torch.manual_seed(1)
+    model = _resume(LMPPM(**kw), dm, 152, tmp_path / "ae.ckpt")
+    untrained = LMPPM(**kw).distance_mlp.state_dict()  # D is not trained in stage 1: its weights at the switch
+    ema = model._ensure_ema()
+    for name, weight in model.distance_mlp.named_parameters():
+        lag, moved = (ema[f"distance_mlp.{name}"] - weight).norm(), (untrained[name] - weight).norm()
+        assert lag < 0.35 * moved, (name, lag, moved)
+    assert model.ema_decay_at(int(model.bank_step) + 1) == pytest.approx(2 / 11)  # the warm-up restarted
+
+
 @needs_mnist
 def test_restore_beats_the_noisy_input_after_short_mnist_training(tmp_path, capsys):
     torch.manual_seed(0)
@@ -166,10 +251,18 @@ def test_restore_beats_the_noisy_input_after_short_mnist_training(tmp_path, caps
     dm.setup()
     clean = dm.test_data[:64]
     rows = evaluate_restoration({"lmppm": model.restore, "dae": lambda v: model.restore(v, mode="dae"),
+                                 "projection_only": lambda v: model.restore(v, alpha=0.0),
                                  "untrained": untrained.restore}, clean, noise_levels=(0.5,))
     score = {r["method"]: r["psnr"] for r in rows}
     assert score["lmppm"] > score["noisy"] and score["lmppm"] > score["untrained"] + 3, score
     assert score["dae"] > score["noisy"], score
+    # the claim, on the same noisy inputs: LMPPM against the DAE projection G(F(x~)) it starts from. What
+    # holds (measured here: dae 16.51, projection only 16.15, lmppm 15.95 dB; at scale see
+    # benchmarks/claims_lmppm.py): D's projection moves the DAE's restoration by a fraction of a dB and the
+    # kernel step costs a little more; LMPPM does not come near DAE + 1 dB. A full mean shift (alpha = 1)
+    # or a projection that overshoots falls out of the lower bounds.
+    assert score["dae"] - 1.0 < score["projection_only"] < score["dae"] + 0.5, score
+    assert score["dae"] - 1.5 < score["lmppm"] < score["dae"] + 0.5, score
     noisy = add_gaussian_noise(clean, 0.5)
     assert torch.equal(noisy, add_gaussian_noise(clean, 0.5))  # every method sees the same noise
     assert model.restore(noisy).shape == clean.shape and model.sample(4).shape == (4, 1, 28, 28)

@@ -22,8 +22,11 @@ with the bank :math:`\{z_i\}` = codes of (a seeded subset of) the **training** s
 
 Generation starts at :math:`z_0 \sim N(\mu_{bank}, \mathrm{diag}(s_{bank}^2))` (the spec says zero mean;
 an unconstrained encoder's codes need not be centred, so we centre on the bank) and decodes once:
-:math:`x = G(z_K)`. ``K = 1`` is the one-step setting. Blind restoration: :math:`z_0 = F(\tilde x)`, the
-same flow with ``restore_steps``, then :math:`G(z_K)`; the noise level is never given to any network.
+:math:`x = G(z_K)`. Deterministic mean shift seeks modes; ``anneal_h > 1`` starts the kernel wide and
+shrinks :math:`h` to its rule value at the last step (spec #11). A tensor latent (``latent_shape``, the
+spec's 4x8x8 for MNIST) is flattened for D and the kernel. ``K = 1`` is the one-step setting. Blind
+restoration: :math:`z_0 = F(\tilde x)`, the same flow with ``restore_steps`` (constant ``h``), then
+:math:`G(z_K)`; the noise level is never given to any network.
 
 **Ablations** (``mode``, same training, so one checkpoint serves all): ``kernel_only`` = spec variant (A),
 kernel steps only; ``dae`` = the autoencoder projection: restore :math:`G(F(\tilde x))`, generate by
@@ -36,15 +39,22 @@ kernel steps only; ``dae`` = the autoencoder projection: restore :math:`G(F(\til
    in data units, plus the optional probabilistic alignment :math:`\lambda_{prob}\,\mathrm{mean}_i\,
    KL(p_{\cdot|i} \| q_{\cdot|i})` of SNE neighbourhoods in pixel and latent space (bandwidths: the
    batch's median pairwise distance). Squared errors are per-element means.
-2. distance: at the switch the autoencoder is **frozen at its EMA weights** and the bank is built (so D,
-   the bank and sampling all see one fixed latent space). With :math:`z = F(x)`,
-   :math:`\tilde z = z + \sigma s\,\epsilon`, :math:`\sigma \sim U(\text{latent\_sigma\_min}, \text{latent\_sigma\_max})`,
-   :math:`s` the RMS per-dimension std of the bank and :math:`\pi(\tilde z) = \tilde z - D n` :
+2. distance: at the switch the autoencoder is **frozen at its EMA weights**, the bank is built (so D,
+   the bank and sampling all see one fixed latent space) and the EMA restarts with its warm-up. With
+   :math:`z = F(x)`, :math:`\tilde z` a distorted code (``distance_inputs``: the code of distorted data
+   :math:`F(x + \sigma\epsilon)` as in the spec's Algorithm 1, so D sees the encoder's own restoration
+   error; a noisy code :math:`z + \sigma s\epsilon`, :math:`s` the RMS per-dimension std of the bank, which
+   generation from latent noise needs; or half of each) and :math:`\pi(\tilde z) = \tilde z - D n`:
 
-   .. math:: \lambda_{cons}\|\pi(\tilde z) - sg[F(G(\tilde z))]\|^2 + \lambda_{den}\|\pi(\tilde z) - z\|^2
+   .. math:: \lambda_{cons}\|\pi(\tilde z) - t\|^2 + \lambda_{den}\|\pi(\tilde z) - z\|^2
              + \lambda_{eik}(\|\nabla D(\tilde z)\| - 1)^2 + \lambda_{zero} D(z)^2,
 
-   latent squared errors divided by :math:`d s^2` so the weights do not depend on the code scale.
+   latent squared distances (:math:`D^2` included) divided by :math:`d s^2` so the weights do not depend on
+   the code scale or size. The
+   consistency target :math:`t` is the clean code :math:`z` (spec Algorithm 1, ``consistency_target:
+   clean``) or :math:`sg[F(G(\tilde z))]` (``reencoded``); the latter pulls D away from the denoising
+   target: on MNIST :math:`|F(G(\tilde z)) - z| / |\tilde z - z|` = 0.74-0.94, i.e. the re-encoded code is
+   nearly as far from the clean one as the input was.
    Before the switch ``generate`` runs without the (untrained) projection step; ``eval/lmppm_stage`` says so.
 
 **Cost** (``nfe``): a projection step (one forward plus one input-gradient backward of the small latent
@@ -58,6 +68,7 @@ without gradients, so under DDP ``onestep fit`` switches on DDP's unused-paramet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,31 +77,42 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from onestep.generators.base import OneStepGenerator, _check
+from onestep.generators.latent_bank import KernelBankMixin
 from onestep.generators.latent_flow import (  # noqa: F401 - kernel_mean and projection_step are re-exported
+    annealed_bandwidths,
     kernel_mean,
     kernel_step,
     nn_distance,
-    nn_median_bandwidth,
     projection_step,
-    silverman_bandwidth,
     sne_alignment,
 )
 from onestep.nets import build_backbone
 
 MODES = ("lmppm", "kernel_only", "dae")
 BANDWIDTH_RULES = ("silverman", "nn_median")
+DISTANCE_INPUTS = ("encoded", "latent_noise", "both")
+CONSISTENCY_TARGETS = ("clean", "reencoded")
 
 
 # ---------------------------------------------------------------------------------------- the module
-class LMPPM(OneStepGenerator):
+class LMPPM(KernelBankMixin, OneStepGenerator):
     """Latent MPPM (variant B) with the kernel-only flow and the DAE projection as ablation modes.
 
     Args:
         backbone: must stay None (kept for the common signature and checkpoint hyperparameters).
         encoder, decoder: backbone specs (default ``conv_encoder``/``conv_decoder`` for images, ``mlp``).
         distance_net: spec of D (an ``mlp`` without time; smooth activations: it is differentiated twice).
-        latent_dim: d. mode: ``lmppm`` | ``kernel_only`` | ``dae``.
+        latent_dim: d. latent_shape: a tensor latent ``(c, h, w)`` instead (``d = c h w``; codes are
+            flattened for D and the kernel), e.g. ``[4, 8, 8]`` with ``conv_encoder``/``conv_decoder``.
+        mode: ``lmppm`` | ``kernel_only`` | ``dae``.
         steps, alpha, eta_d: generation flow (K, kernel step size, projection step size).
+        anneal_h: generation's kernel bandwidth starts at ``anneal_h * h`` and shrinks geometrically to
+            ``h`` at the last step (1 = constant ``h``; spec #11, against mode seeking).
+        distance_inputs: what D learns to project in stage 2: ``encoded`` codes of distorted data
+            ``F(x + sigma eps)`` (spec Algorithm 1), ``latent_noise`` ``F(x) + sigma s eps``, or ``both``
+            (half the batch each).
+        consistency_target: ``clean`` (``F(x)``, spec Algorithm 1's ``a``) or ``reencoded``
+            (``sg[F(G(z~))]``, which disagrees with the clean target: see the module docstring).
         restore_steps, restore_alpha: restoration flow (``restore_alpha=None`` means ``alpha``).
         bank_size, bank_seed: bank = a seeded subset of at most ``bank_size`` training codes.
         bandwidth_rule, h_scale, bandwidth: ``h = h_scale * rule(bank)``, or the fixed ``bandwidth``.
@@ -105,7 +127,9 @@ class LMPPM(OneStepGenerator):
         self, data_shape: Sequence[int] = (2,), backbone: Mapping[str, Any] | None = None,
         encoder: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
         distance_net: Mapping[str, Any] | None = None,
-        latent_dim: int = 16, mode: str = "lmppm", steps: int = 10, alpha: float = 0.2, eta_d: float = 1.0,
+        latent_dim: int = 16, latent_shape: Sequence[int] | None = None, mode: str = "lmppm",
+        steps: int = 10, alpha: float = 0.1, eta_d: float = 1.0, anneal_h: float = 1.0,
+        distance_inputs: str = "both", consistency_target: str = "clean",
         restore_steps: int = 10, restore_alpha: float | None = None, bank_size: int = 10_000, bank_seed: int = 0,
         bandwidth_rule: str = "silverman", h_scale: float = 1.0, bandwidth: float | None = None,
         ae_steps: int | None = None, ae_fraction: float = 0.5, sigma_min: float = 0.05, sigma_max: float = 1.0,
@@ -117,7 +141,15 @@ class LMPPM(OneStepGenerator):
                f"instead of backbone= (got backbone={backbone!r})")
         super().__init__(data_shape=data_shape, backbone=None, **base)
         _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+        if latent_shape is not None:
+            _check(len(latent_shape) == 3 and min(latent_shape) >= 1, "latent_shape must be a tensor latent "
+                   f"[c, h, w] of positive sizes, e.g. [4, 8, 8], or None for a vector; got {list(latent_shape)}")
+            latent_dim = math.prod(int(v) for v in latent_shape)
         _check(latent_dim >= 1, f"latent_dim must be >= 1, got {latent_dim}")
+        _check(anneal_h >= 1, f"anneal_h must be >= 1 (the first step's bandwidth over h; 1 = no annealing), got {anneal_h}")
+        _check(distance_inputs in DISTANCE_INPUTS, f"distance_inputs must be one of {DISTANCE_INPUTS}, got {distance_inputs!r}")
+        _check(consistency_target in CONSISTENCY_TARGETS,
+               f"consistency_target must be one of {CONSISTENCY_TARGETS}, got {consistency_target!r}")
         _check(steps >= 1, f"steps (K, flow iterations) must be >= 1, got {steps}")
         _check(restore_steps >= 1, f"restore_steps (K for restoration) must be >= 1, got {restore_steps}")
         for name, value in (("alpha", alpha), ("restore_alpha", restore_alpha)):
@@ -136,6 +168,8 @@ class LMPPM(OneStepGenerator):
         for name, value in self.loss_weights.items():
             _check(value >= 0, f"lambda_{name} must be >= 0, got {value}")
         self.latent_dim, self.mode, self.steps, self.alpha, self.eta_d = latent_dim, mode, steps, alpha, eta_d
+        self.latent_shape = tuple(int(v) for v in latent_shape) if latent_shape is not None else (latent_dim,)
+        self.anneal_h, self.distance_inputs, self.consistency_target = anneal_h, distance_inputs, consistency_target
         self.restore_steps = restore_steps
         self.restore_alpha = alpha if restore_alpha is None else restore_alpha
         self.bank_size, self.bank_seed, self.bandwidth_rule = bank_size, bank_seed, bandwidth_rule
@@ -145,9 +179,9 @@ class LMPPM(OneStepGenerator):
         image = len(self.data_shape) == 3
         vector = {"name": "mlp", "hidden": [256, 256]}
         self.encoder = build_backbone(encoder or ({"name": "conv_encoder"} if image else vector),
-                                      self.data_shape, (latent_dim,), time_conditioned=False)
+                                      self.data_shape, self.latent_shape, time_conditioned=False)
         self.decoder = build_backbone(decoder or ({"name": "conv_decoder"} if image else vector),
-                                      (latent_dim,), self.data_shape, time_conditioned=False)
+                                      self.latent_shape, self.data_shape, time_conditioned=False)
         self.distance_mlp = build_backbone(distance_net or {"name": "mlp", "hidden": [256, 256, 256]},
                                            (latent_dim,), (1,), time_conditioned=False)
         # the kernel bank and the stage live in buffers: saved in the state_dict, so checkpoints carry them
@@ -160,19 +194,15 @@ class LMPPM(OneStepGenerator):
 
     # ------------------------------------------------------------------ networks
     def encode(self, x: Tensor) -> Tensor:
-        return self.encoder(x)
+        """Codes ``(B, d)``, flattened when the latent is a tensor (D and the kernel see vectors)."""
+        return self.encoder(x).flatten(1)
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z)
+        return self.decoder(z.reshape(len(z), *self.latent_shape))
 
     def distance(self, z: Tensor) -> Tensor:
         """The learned distance ``D(z) >= 0`` to the code manifold, (B,)."""
         return nn.functional.softplus(self.distance_mlp(z)).reshape(len(z))
-
-    @property
-    def code_scale(self) -> Tensor:
-        """RMS per-dimension std of the bank: the unit of the latent noise and of the latent losses."""
-        return self.bank_std.square().mean().sqrt()
 
     # ------------------------------------------------------------------ stages
     def switch_step(self) -> int:
@@ -193,7 +223,8 @@ class LMPPM(OneStepGenerator):
                            "not be trained and the flow runs without its projection step")
 
     def _start_distance_stage(self) -> None:
-        """Freeze the autoencoder at its EMA weights and build the final bank from the training split."""
+        """Freeze the autoencoder at its EMA weights, build the final bank from the training split, and
+        restart the EMA (with its warm-up) so D's average does not start from its untrained weights."""
         ema, params = self._ensure_ema(), dict(self.named_parameters())
         with torch.no_grad():
             for name, value in ema.items():
@@ -201,6 +232,12 @@ class LMPPM(OneStepGenerator):
                     params[name].copy_(value)
         self._bank_from_datamodule()
         self.stage.fill_(2)
+        self.reset_ema()
+
+    def ema_decay_at(self, step: int) -> float:
+        """The base's EMA warm-up, counted from the start of the current stage (stage 2: the bank's step)."""
+        local = step - int(self.bank_step) if int(self.stage) == 2 else step
+        return min(self.ema_decay, (1 + local) / (10 + local))
 
     def loss(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         if int(self.stage) == 1 and self.global_step >= self.switch_step():
@@ -221,100 +258,61 @@ class LMPPM(OneStepGenerator):
             total, logs["prob"] = total + w["prob"] * prob, prob.detach()
         return total, logs
 
+    @torch.no_grad()
+    def distorted_codes(self, x: Tensor, z: Tensor) -> Tensor:
+        """The inputs D learns to project (``distance_inputs``): codes of noisy data ``F(x + sigma eps)``
+        (sigma in data units, the DAE's range), noisy codes ``z + sigma s eps`` (sigma in code-std units),
+        or the first half of the batch the one way and the rest the other."""
+        n_latent = {"latent_noise": len(z), "encoded": 0, "both": len(z) // 2}[self.distance_inputs]
+        parts = []
+        if n_latent > 0:
+            lo, hi = self.latent_sigma_range
+            sigma = (lo + (hi - lo) * torch.rand(n_latent, 1, device=z.device)) * self.code_scale
+            parts.append(z[:n_latent] + sigma * torch.randn_like(z[:n_latent]))
+        if n_latent < len(z):
+            lo, hi = self.sigma_range
+            rest = x[n_latent:]
+            sigma = (lo + (hi - lo) * torch.rand(len(rest), device=x.device)).view(-1, *[1] * (x.dim() - 1))
+            parts.append(self.encode(rest + sigma * torch.randn_like(rest)))
+        return torch.cat(parts)
+
     def _distance_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():  # the autoencoder is frozen in this stage
             z = self.encode(x)
-        lo, hi = self.latent_sigma_range
         scale = self.code_scale
-        sigma = (lo + (hi - lo) * torch.rand(len(z), 1, device=z.device)) * scale
-        z_noisy = (z + sigma * torch.randn_like(z)).requires_grad_(True)
+        z_noisy = self.distorted_codes(x, z).requires_grad_(True)
         projected, _, grad = projection_step(z_noisy, self.distance, 1.0, create_graph=True)
-        with torch.no_grad():
-            target_ae = self.encode(self.decode(z_noisy))
         unit = self.latent_dim * scale**2
-        cons = (projected - target_ae).square().sum(1).mean() / unit
         den = (projected - z).square().sum(1).mean() / unit
+        if self.consistency_target == "reencoded":
+            with torch.no_grad():
+                target_ae = self.encode(self.decode(z_noisy))
+            cons = (projected - target_ae).square().sum(1).mean() / unit
+        else:  # the clean code: the consistency term is the denoising term
+            cons = den
         eik = (grad.norm(dim=1) - 1).square().mean()
-        zero = self.distance(z).square().mean() / scale**2
+        # D^2 is a squared latent distance like the two above: the same unit (per-dimension scale / s^2 alone
+        # made it d times stronger; at d = 256 that drove softplus into saturation, D = 0 and dead in 30 steps)
+        zero = self.distance(z).square().mean() / unit
         w = self.loss_weights
         total = w["cons"] * cons + w["den"] * den + w["eik"] * eik + w["zero"] * zero
         return total, {"cons": cons.detach(), "den": den.detach(), "eik": eik.detach(), "zero": zero.detach(),
                        "stage": torch.tensor(2.0)}
 
-    # ------------------------------------------------------------------ bank
-    @property
-    def _datamodule(self) -> Any:
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-
-    def build_bank(self, codes: Tensor, split: str = "train", bandwidth: float | None = None) -> None:
-        """Install ``codes`` (N, d) as the kernel bank. Only training codes are allowed (``split="train"``);
-        ``bandwidth`` overrides the rule and must be > 0."""
-        _check(split == "train", f"build_bank: split={split!r} refused; the kernel bank must come from the "
-               "training split only (held-out codes in the bank would leak test data into generation)")
-        _check(codes.dim() == 2 and codes.shape[1] == self.latent_dim and len(codes) >= 2,
-               f"build_bank: codes must have shape (N >= 2, {self.latent_dim}), got {tuple(codes.shape)}")
-        bandwidth = bandwidth if bandwidth is not None else self.fixed_bandwidth
-        if bandwidth is None:
-            rule = silverman_bandwidth if self.bandwidth_rule == "silverman" else nn_median_bandwidth
-            bandwidth = self.h_scale * rule(codes)
-        _check(bandwidth > 0, f"build_bank: bandwidth must be > 0, got {bandwidth} (identical codes give 0 with "
-               "the rule: set bandwidth= explicitly)")
-        codes = codes.detach().to(self.bank_mean)
-        self.bank = codes.clone()
-        self.bank_bandwidth = torch.tensor(float(bandwidth), device=codes.device)
-        self.bank_mean, self.bank_std = codes.mean(0), codes.std(0).clamp_min(1e-8)
-        self.bank_step = torch.tensor(self.global_step, device=codes.device)
-
-    @torch.no_grad()
-    def build_bank_from_data(self, x: Tensor, split: str = "train", chunk: int = 1024) -> None:
-        """Encode (a ``bank_seed``-seeded subset of at most ``bank_size`` rows of) training data ``x``."""
-        dm = self._datamodule
-        for held_out in ("val", "test"):
-            data = getattr(dm, f"{held_out}_data", None)
-            _check(data is None or data.data_ptr() != x.data_ptr(),
-                   f"build_bank_from_data: x is the datamodule's {held_out} split; the bank must come from train")
-        if len(x) > self.bank_size:
-            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.bank_seed))[: self.bank_size]
-            x = x[pick.sort().values]
-        codes = torch.cat([self.encode(part.to(self.device)) for part in x.split(chunk)])
-        self.build_bank(codes, split=split)
-
-    def _bank_from_datamodule(self) -> bool:
-        data = getattr(self._datamodule, "train_data", None)
-        if data is None:
-            return False
-        self.build_bank_from_data(data, split="train")
-        return True
-
-    def _ensure_bank(self) -> None:
-        """Stage 2 keeps its bank; in stage 1 the encoder still moves, so a provisional bank is rebuilt
-        (from the training split, current weights) whenever the step changed."""
-        stale = int(self.stage) == 1 and self._trainer is not None and int(self.bank_step) != self.global_step
-        if (len(self.bank) == 0 or stale) and not self._bank_from_datamodule() and len(self.bank) == 0:
-            raise RuntimeError("LMPPM has no kernel bank: train it with a OneStepDataModule (the bank is built "
-                               "from the training split), load a trained checkpoint, or call "
-                               "build_bank_from_data(train_x)")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # the bank's size is known only once it is built: resize before loading (checkpoint resume,
-        # load_from_checkpoint and plain load_state_dict all come through here)
-        saved = state_dict.get(prefix + "bank")
-        if saved is not None and saved.shape != self.bank.shape:
-            self.bank = torch.zeros_like(saved, device=self.bank.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     # ------------------------------------------------------------------ flow, generation, restoration
-    def flow(self, z: Tensor, steps: int, alpha: float, mode: str | None = None) -> Tensor:
-        """``steps`` iterations of the deterministic latent flow of ``mode`` (default: ``self.mode``)."""
+    def flow(self, z: Tensor, steps: int, alpha: float, mode: str | None = None, anneal_h: float = 1.0) -> Tensor:
+        """``steps`` iterations of the deterministic latent flow of ``mode`` (default: ``self.mode``); the
+        kernel bandwidth goes from ``anneal_h * h`` down to ``h`` (geometric)."""
         mode = mode or self.mode
         _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
         _check(steps >= 1, f"steps (K) must be >= 1, got {steps}")
-        h = self.bank_bandwidth
-        for _ in range(steps):
+        project = mode == "lmppm" and int(self.stage) == 2  # before stage 2, D is untrained: skip it
+        bandwidths = annealed_bandwidths(float(self.bank_bandwidth), steps, anneal_h)
+        for h in bandwidths:
             if mode == "dae":
                 z = self.encode(self.decode(z))
                 continue
-            if mode == "lmppm" and int(self.stage) == 2:  # before stage 2, D is untrained: skip it
+            if project:
                 z = projection_step(z, self.distance, self.eta_d)[0]
             if alpha > 0:
                 z = kernel_step(z, self.bank, h, alpha)
@@ -323,7 +321,7 @@ class LMPPM(OneStepGenerator):
     def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         self._ensure_bank()
         z = self.bank_mean + self.bank_std * self.randn(n, (self.latent_dim,), generator)
-        return self.decode(self.flow(z, self.steps, self.alpha))
+        return self.decode(self.flow(z, self.steps, self.alpha, anneal_h=self.anneal_h))
 
     @torch.no_grad()
     def restore(self, x: Tensor, steps: int | None = None, alpha: float | None = None, mode: str | None = None,

@@ -66,6 +66,21 @@ def add_gaussian_noise(x: Tensor, sigma: float, seed: int = 0) -> Tensor:
     return x + sigma * noise.to(x.device, x.dtype)
 
 
+def add_block_mask(x: Tensor, size: int, seed: int = 0, fill: float = -1.0) -> Tensor:
+    """Each image with one ``size x size`` block set to ``fill`` (the background, -1 in normalised
+    units), at a seeded position inside the central region (so it covers strokes, not the empty border)."""
+    _, _, height, width = x.shape
+    if not 0 < size <= min(height, width) // 2:
+        raise ValueError(f"add_block_mask: size must lie in (0, {min(height, width) // 2}], got {size}")
+    g = torch.Generator().manual_seed(seed)
+    top = torch.randint(height // 4, height - height // 4 - size + 1, (len(x),), generator=g)
+    left = torch.randint(width // 4, width - width // 4 - size + 1, (len(x),), generator=g)
+    rows, cols = torch.arange(height), torch.arange(width)
+    inside = ((rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + size))[:, :, None] & \
+             ((cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + size))[:, None, :]
+    return x.masked_fill(inside[:, None].to(x.device), fill)
+
+
 @torch.no_grad()
 def evaluate_restoration(methods: Mapping[str, Callable[[Tensor], Tensor]], clean: Tensor,
                          noise_levels: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 1.0),

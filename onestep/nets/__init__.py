@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from .conv import ConvDecoder, ConvEncoder
+from .conv import ConvDecoder, ConvEncoder, SpatialConvDecoder, SpatialConvEncoder
 from .mlp import MLP, make_activation
 from .resnet_flow import FlowMap, ResNetFlow, ResNetFlowBlock
 from .time import (
@@ -37,6 +37,8 @@ __all__ = [
     "FlowMap",
     "ConvDecoder",
     "ConvEncoder",
+    "SpatialConvDecoder",
+    "SpatialConvEncoder",
     "SinusoidalTimeEmbedding",
     "TimeIdentity",
     "TimeLinear",
@@ -114,7 +116,7 @@ def build_backbone(spec, in_shape, out_shape=None, time_conditioned: bool = True
     """Build a backbone ``(B, *in_shape), t -> (B, *out_shape)`` from ``spec = {"name": ..., **kwargs}``.
 
     Names: ``mlp`` (any shapes, flattens), ``unet`` (images, same H and W), ``resnet_flow`` (vectors, same
-    shape, needs time), ``conv_decoder`` (vector -> image), ``conv_encoder`` (image -> vector).
+    shape, needs time), ``conv_decoder`` (vector or (c, h, w) latent -> image), ``conv_encoder`` (image -> vector or (c, h, w) latent).
     ``spec=None`` picks ``unet`` for image -> image and ``mlp`` otherwise.  ``out_shape=None`` means
     ``in_shape``.  ``time_conditioned=False`` builds ``mlp``/``unet`` without time input (``t`` is ignored);
     ``conv_*`` never use time.  Invalid shapes, names or arguments raise ``ValueError``.
@@ -157,13 +159,17 @@ def build_backbone(spec, in_shape, out_shape=None, time_conditioned: bool = True
             raise fail("a neural flow phi(x0, t) always takes time", "use time_conditioned=True or {'name': 'mlp'}")
         net = construct(ResNetFlow, in_shape[0], **kwargs)
     elif name == "conv_decoder":
-        if len(in_shape) != 1 or len(out_shape) != 3:
-            raise fail("conv_decoder maps a vector (d,) to an image (C, H, W)", "give in_shape=(d,) and out_shape=(C, H, W), or use {'name': 'mlp'}")
-        net = construct(ConvDecoder, in_shape[0], out_shape, **kwargs)
+        if len(in_shape) not in (1, 3) or len(out_shape) != 3:
+            raise fail("conv_decoder maps a vector (d,) or a latent tensor (c, h, w) to an image (C, H, W)",
+                       "give in_shape=(d,) or (c, h, w) and out_shape=(C, H, W), or use {'name': 'mlp'}")
+        net = (construct(ConvDecoder, in_shape[0], out_shape, **kwargs) if len(in_shape) == 1
+               else construct(SpatialConvDecoder, in_shape, out_shape, **kwargs))
     else:  # conv_encoder
-        if len(in_shape) != 3 or len(out_shape) != 1:
-            raise fail("conv_encoder maps an image (C, H, W) to a vector (d,)", "give in_shape=(C, H, W) and out_shape=(d,), or use {'name': 'mlp'}")
-        net = construct(ConvEncoder, in_shape, out_shape[0], **kwargs)
+        if len(in_shape) != 3 or len(out_shape) not in (1, 3):
+            raise fail("conv_encoder maps an image (C, H, W) to a vector (d,) or a latent tensor (c, h, w)",
+                       "give in_shape=(C, H, W) and out_shape=(d,) or (c, h, w), or use {'name': 'mlp'}")
+        net = (construct(ConvEncoder, in_shape, out_shape[0], **kwargs) if len(out_shape) == 1
+               else construct(SpatialConvEncoder, in_shape, out_shape, **kwargs))
 
     net.backbone_name = name
     net.in_shape, net.out_shape = in_shape, out_shape

@@ -1,4 +1,5 @@
-"""Convolutional decoder (vector -> image) and encoder (image -> vector), without time conditioning."""
+"""Convolutional decoders (vector or tensor latent -> image) and encoders (image -> vector or tensor latent),
+without time conditioning."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["ConvDecoder", "ConvEncoder"]
+__all__ = ["ConvDecoder", "ConvEncoder", "SpatialConvDecoder", "SpatialConvEncoder"]
 
 
 def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -77,3 +78,76 @@ class ConvEncoder(nn.Module):
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"ConvEncoder: expected images of shape (B, *{self.in_shape}), got {tuple(x.shape)}")
         return self.head(rearrange(self.body(x), "b c h w -> b (c h w)"))
+
+
+def _levels_between(size: int, latent_size: int, who: str) -> int:
+    """Fewest 2x steps ``k`` with ``latent_size * 2**k >= size`` (the image is zero-padded up to that)."""
+    k = 0
+    while latent_size * 2**k < size:
+        k += 1
+    if k == 0 and latent_size != size:
+        raise ValueError(f"{who}: the latent's spatial size {latent_size} exceeds the image's {size}; "
+                         "choose a latent no larger than the image, e.g. (4, 8, 8) for 28x28")
+    return k
+
+
+class SpatialConvEncoder(nn.Module):
+    """``(B, C, H, W) -> (B, c, h, w)``: an LDM-style tensor latent (spec mppm.md §5: 4x8x8 for MNIST).
+
+    The image is zero-padded to ``(h 2^k, w 2^k)`` (28 -> 32 for an 8x8 latent), then a conv block and ``k``
+    stride-2 conv blocks doubling the channels (32-64-128 at ``k = 2``), and a 1x1 conv to ``c`` channels.
+    """
+
+    def __init__(self, in_shape: Sequence[int], latent_shape: Sequence[int], base_channels: int = 32):
+        super().__init__()
+        channels, height, width = _check_image_shape(in_shape, "SpatialConvEncoder", "in_shape")
+        lc, lh, lw = _check_image_shape(latent_shape, "SpatialConvEncoder", "latent_shape")
+        k = _levels_between(height, lh, "SpatialConvEncoder")
+        if _levels_between(width, lw, "SpatialConvEncoder") != k:
+            raise ValueError(f"SpatialConvEncoder: image {height}x{width} and latent {lh}x{lw} need the same "
+                             "number of 2x steps in both directions; keep the aspect ratio")
+        self.in_shape, self.latent_shape = (channels, height, width), (lc, lh, lw)
+        pad_h, pad_w = lh * 2**k - height, lw * 2**k - width
+        self.pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        layers: list[nn.Module] = [_conv_block(channels, base_channels)]
+        ch = base_channels
+        for _ in range(k):
+            layers.append(_conv_block(ch, 2 * ch, stride=2))
+            ch *= 2
+        layers.append(nn.Conv2d(ch, lc, 1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, t=None) -> Tensor:
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"SpatialConvEncoder: expected images of shape (B, *{self.in_shape}), got {tuple(x.shape)}")
+        return self.body(nn.functional.pad(x, self.pad))
+
+
+class SpatialConvDecoder(nn.Module):
+    """``(B, c, h, w) -> (B, C, H, W)``: the mirror of :class:`SpatialConvEncoder` (conv to ``base 2^k``
+    channels, ``k`` times upsample + conv block halving them, a final conv), cropped to ``H x W``."""
+
+    def __init__(self, latent_shape: Sequence[int], out_shape: Sequence[int] = (1, 28, 28), base_channels: int = 32):
+        super().__init__()
+        lc, lh, lw = _check_image_shape(latent_shape, "SpatialConvDecoder", "latent_shape")
+        channels, height, width = _check_image_shape(out_shape, "SpatialConvDecoder", "out_shape")
+        k = _levels_between(height, lh, "SpatialConvDecoder")
+        if _levels_between(width, lw, "SpatialConvDecoder") != k:
+            raise ValueError(f"SpatialConvDecoder: latent {lh}x{lw} and image {height}x{width} need the same "
+                             "number of 2x steps in both directions; keep the aspect ratio")
+        self.latent_shape, self.out_shape = (lc, lh, lw), (channels, height, width)
+        self.crop = ((lh * 2**k - height) // 2, (lw * 2**k - width) // 2)
+        ch = base_channels * 2**k
+        layers: list[nn.Module] = [nn.Conv2d(lc, ch, 3, padding=1), nn.SiLU()]
+        for _ in range(k):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_block(ch, ch // 2)]
+            ch //= 2
+        layers.append(nn.Conv2d(ch, channels, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor, t=None) -> Tensor:
+        if tuple(z.shape[1:]) != self.latent_shape:
+            raise ValueError(f"SpatialConvDecoder: expected z of shape (B, *{self.latent_shape}), got {tuple(z.shape)}")
+        top, left = self.crop
+        _, height, width = self.out_shape
+        return self.body(z)[..., top:top + height, left:left + width]
