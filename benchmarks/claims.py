@@ -30,7 +30,9 @@ def _rows_of(method: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if not path.is_file():
         return [], {}
     record = json.loads(path.read_text())
-    rows = record.get("rows", [])
+    if isinstance(record, list):  # a bare list of rows
+        record = {"rows": record}
+    rows = record.get("rows") or record.get("claims") or []  # either key: each module writes its own file
     for row in rows:
         if row.get("verdict") not in VERDICTS:
             raise ValueError(f"{path}: verdict {row.get('verdict')!r} is not one of {VERDICTS}")
@@ -58,7 +60,8 @@ def markdown(rows: list[dict[str, Any]], sources: dict[str, dict[str, Any]]) -> 
     lines.append("")
     for method, source in sources.items():
         machine = source.get("machine") or {}
-        lines.append(f"- {method}: measured {source.get('date')} on {machine.get('cpu') or machine}, "
+        machine = machine.get("cpu") or machine if isinstance(machine, dict) else machine
+        lines.append(f"- {method}: measured {source.get('date')} on {machine}, "
                      f"`{source.get('command')}`")
     return "\n".join(lines) + "\n"
 
