@@ -21,11 +21,12 @@ object with ``velocity(x, t)`` through :meth:`set_teacher`. **Student** (stage 2
 * ``vector`` (the paper): Gaussian starts :math:`Z_0 \sim N(0, I)` are carried along the grid
   :math:`0 = t_0 < \dots < t_{K-1} = t_{max}` (plus ``t = 1`` when ``t_max < 1``, reached by the
   teacher's exact data prediction) by Euler or exponential-integrator teacher steps (online, no grad);
-  the characteristic-fitting loss (eq. 2.11 with the diagonal hard-wired) is the mean over ordered
+  the characteristic-fitting loss (eq. 2.11 with the diagonal hard-wired) is a mean over ordered
   pairs :math:`k < l` of :math:`\|Z_l - g(t_k, t_l, Z_k)\|^2`, estimated with ``pairs_per_trajectory``
-  uniform pairs per trajectory, plus ``semigroup_weight`` times the semigroup penalty
-  :math:`\|g(t_j, t_l, g(t_k, t_j, Z_k)) - g(t_k, t_l, Z_k)\|^2` over uniform triples ``k < j < l``
-  (gradients through both sides);
+  pairs per trajectory (``pair_sampling``: uniform, or long jumps favoured), plus ``semigroup_weight``
+  times the semigroup penalty :math:`\|g(t_j, t_l, g(t_k, t_j, Z_k)) - g(t_k, t_l, Z_k)\|^2` over
+  uniform triples ``k < j < l`` (gradients through both sides); see
+  :mod:`onestep.generators.characteristic_vector`;
 * ``image`` (the authors' code): see :mod:`onestep.generators.characteristic_image`.
 
 Resuming: the stage is saved in the checkpoint; stage 2 starts at the first batch with
@@ -49,9 +50,13 @@ from onestep.generators.characteristic_teacher import (
     INTERPOLANTS, SOLVERS, ScaledVelocityNet, TwoTimeNet, freeze, load_teacher_checkpoint, make_interpolant,
     make_teacher, stage_schedule, teacher_output_net, time_column,
 )
+from onestep.generators.characteristic_vector import PAIR_SAMPLINGS, vector_loss
 
 MODES = ("auto", "vector", "image")
 DISTANCES = ("l2", "lpips")
+GRID_SPACINGS = ("uniform", "data_dense")
+OPTIMIZERS = ("adamw", "radam")
+TARGET_TIME_INPUTS = ("input", "blocks")
 
 
 class CharacteristicGenerator(OneStepGenerator):
@@ -67,8 +72,18 @@ class CharacteristicGenerator(OneStepGenerator):
         init_student_from_teacher: start the student as the teacher (target-time weights zeroed).
         grid_size: grid points on ``[t_min, t_max]`` (K of the paper's characteristics; N = 20 in the code).
         t_min, t_max: grid range; the last map always goes on to ``t = 1``.
+        grid_spacing: ``uniform`` (the code) or ``data_dense``,
+            :math:`t_k = t_{min} + (t_{max} - t_{min}) \sin(\pi u_k / 2)` with ``u`` uniform on [0, 1]:
+            steps shrink towards the data end (spec §1.3: about half the Euler error at K = 20).
         solver: teacher step, ``euler`` (the paper) or ``exp`` (exponential integrator, the code).
         pairs_per_trajectory, semigroup_weight: vector mode (pairs per teacher trajectory, penalty weight).
+        pair_sampling: vector mode pairs, ``uniform`` over ordered pairs or ``long`` (jump length
+            ``P(n) ∝ n``); see :mod:`onestep.generators.characteristic_vector`.
+        trajectory_batch: vector mode, teacher trajectories per step (``None``: the batch size); each gives
+            ``pairs_per_trajectory`` pairs. The teacher's solve is most of a step's cost.
+        optimizer: ``adamw`` or ``radam`` (the authors'; decoupled weight decay), both stages.
+        target_time_input: how the student's UNet sees the target time: ``input`` (extra input channels)
+            or ``blocks`` (its own embedding added to every residual block's FiLM, as the authors' code).
         dsm_weight, adaptive_weight: image mode weight of the denoising term (times the adaptive weight).
         distance, lpips_weights: image mode trajectory distance, ``l2`` or ``lpips`` (needs ``lpips_weights``,
             a local LPIPS-VGG state dict; nothing is downloaded).
@@ -94,9 +109,14 @@ class CharacteristicGenerator(OneStepGenerator):
         grid_size: int = 50,
         t_min: float = 0.0,
         t_max: float = 0.999,
+        grid_spacing: str = "uniform",
         solver: str = "euler",
         pairs_per_trajectory: int = 4,
         semigroup_weight: float = 1.0,
+        pair_sampling: str = "long",
+        trajectory_batch: int | None = None,
+        optimizer: str = "adamw",
+        target_time_input: str = "input",
         dsm_weight: float = 1.0,
         adaptive_weight: bool = True,
         distance: str = "l2",
@@ -119,6 +139,13 @@ class CharacteristicGenerator(OneStepGenerator):
         _check(grid_size >= 2, f"grid_size must be >= 2, got {grid_size}")
         _check(0.0 <= t_min < t_max <= 1.0, f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
         _check(solver in SOLVERS, f"solver must be one of {SOLVERS}, got {solver!r}")
+        _check(grid_spacing in GRID_SPACINGS, f"grid_spacing must be one of {GRID_SPACINGS}, got {grid_spacing!r}")
+        _check(pair_sampling in PAIR_SAMPLINGS, f"pair_sampling must be one of {PAIR_SAMPLINGS}, got {pair_sampling!r}")
+        _check(trajectory_batch is None or trajectory_batch >= 1,
+               f"trajectory_batch must be >= 1 (or null: the batch size), got {trajectory_batch}")
+        _check(optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        _check(target_time_input in TARGET_TIME_INPUTS,
+               f"target_time_input must be one of {TARGET_TIME_INPUTS}, got {target_time_input!r}")
         _check(pairs_per_trajectory >= 1, f"pairs_per_trajectory must be >= 1, got {pairs_per_trajectory}")
         _check(semigroup_weight >= 0, f"semigroup_weight must be >= 0, got {semigroup_weight}")
         _check(dsm_weight >= 0, f"dsm_weight must be >= 0, got {dsm_weight}")
@@ -136,6 +163,8 @@ class CharacteristicGenerator(OneStepGenerator):
         self.teacher_ema_decay = teacher_ema_decay if teacher_ema_decay is not None else self.ema_decay
         self.init_student_from_teacher = init_student_from_teacher
         self.grid_size, self.t_min, self.t_max, self.solver = grid_size, t_min, t_max, solver
+        self.grid_spacing, self.pair_sampling, self.optimizer_name = grid_spacing, pair_sampling, optimizer
+        self.trajectory_batch = trajectory_batch
         self.pairs_per_trajectory, self.semigroup_weight = pairs_per_trajectory, semigroup_weight
         self.dsm_weight, self.adaptive_weight = dsm_weight, adaptive_weight
         self._interpolant_option = interpolant
@@ -147,7 +176,7 @@ class CharacteristicGenerator(OneStepGenerator):
             teacher = make_teacher(self.data_shape, teacher_backbone if teacher_backbone is not None else backbone,
                                    make_interpolant(interpolant or "linear"), steps=grid_size)
         student_spec = backbone if backbone is not None or teacher is None else teacher.backbone_spec
-        self.student = TwoTimeNet(student_spec, self.data_shape, t_features)
+        self.student = TwoTimeNet(student_spec, self.data_shape, t_features, target_time_input)
         self.teacher: Any = None
         self._student_stage = teacher_steps == 0
         self._use_interpolant(interpolant or "linear")
@@ -268,11 +297,18 @@ class CharacteristicGenerator(OneStepGenerator):
         return states
 
     def grid_times(self, include_end: bool = True) -> Tensor:
-        """The grid ``linspace(t_min, t_max, grid_size)``, then ``1`` when ``include_end`` and ``t_max < 1``."""
-        grid = torch.linspace(self.t_min, self.t_max, self.grid_size, dtype=torch.float64)
+        """The grid on ``[t_min, t_max]`` (``grid_spacing``), then ``1`` when ``include_end`` and ``t_max < 1``."""
+        grid = self._spaced(self.grid_size)
         if include_end and self.t_max < 1.0:
             grid = torch.cat([grid, torch.ones(1, dtype=torch.float64)])
         return grid.float()
+
+    def _spaced(self, count: int) -> Tensor:
+        """``count`` float64 times on ``[t_min, t_max]`` with the ``grid_spacing`` of the training grid."""
+        if self.grid_spacing == "uniform":
+            return torch.linspace(self.t_min, self.t_max, count, dtype=torch.float64)
+        u = torch.sin(0.5 * torch.pi * torch.linspace(0.0, 1.0, count, dtype=torch.float64))
+        return self.t_min + (self.t_max - self.t_min) * u
 
     def sample_times(self, nfe: int) -> list[float]:
         """``nfe + 1`` times from ``t_min`` to ``1``; inner times are on the training grid when it has enough points."""
@@ -284,7 +320,7 @@ class CharacteristicGenerator(OneStepGenerator):
         elif count <= self.grid_size:
             inner = grid[torch.linspace(0, self.grid_size - 1, count, dtype=torch.float64).round().long()]
         else:
-            inner = torch.linspace(self.t_min, self.t_max, count, dtype=torch.float64)
+            inner = self._spaced(count)
         times = [float(t) for t in inner.tolist()]
         if self.t_max < 1.0:
             times.append(1.0)
@@ -297,7 +333,7 @@ class CharacteristicGenerator(OneStepGenerator):
         elif self.mode == "image":
             loss, logs = image_loss(self, x)
         else:
-            loss, logs = self._vector_loss(x)
+            loss, logs = vector_loss(self, x)
         logs["stage"] = torch.tensor(2.0 if self._student_stage else 1.0, device=x.device)
         return loss, logs
 
@@ -310,31 +346,6 @@ class CharacteristicGenerator(OneStepGenerator):
         out = self.teacher.velocity(path.interpolate(z, x1, t), t) / path.kappa(tc)
         loss = (out - path.output_target(z, x1, tc)).square().mean()
         return loss, {"teacher_loss": loss.detach()}
-
-    def _vector_loss(self, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        times = self.grid_times().to(x1)
-        n_times, batch = len(times), len(x1)
-        trajectory = torch.stack(self.teacher_trajectory(torch.randn_like(x1), times.tolist()))
-        rows = torch.arange(batch, device=x1.device).repeat(self.pairs_per_trajectory)
-
-        def ordered(count: int) -> list[Tensor]:
-            # a uniformly random `count`-subset of the grid, sorted: uniform over ordered pairs / triples
-            picks = torch.rand(len(rows), n_times, device=x1.device).argsort(dim=1)[:, :count].sort(dim=1).values
-            return list(picks.unbind(dim=1))
-
-        k, l = ordered(2)
-        fit = (self.map(trajectory[k, rows], times[k], times[l]) - trajectory[l, rows]).square().mean()
-        logs = {"fit": fit.detach()}
-        loss = fit
-        if self.semigroup_weight > 0 and n_times >= 3:
-            k, j, l = ordered(3)
-            start = trajectory[k, rows]
-            direct = self.map(start, times[k], times[l])
-            two_step = self.map(self.map(start, times[k], times[j]), times[j], times[l])
-            semigroup = (two_step - direct).square().mean()
-            loss = loss + self.semigroup_weight * semigroup
-            logs["semigroup"] = semigroup.detach()
-        return loss, logs
 
     # ------------------------------------------------------------------ sampling
     def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -371,7 +382,11 @@ class CharacteristicGenerator(OneStepGenerator):
         if self.teacher_steps > 0:
             groups.append({"params": list(self.teacher.parameters()), "lr": self.teacher_lr})
             stages.append((0, self.teacher_steps, self.teacher_warmup_steps))
-        optimizer = torch.optim.AdamW(groups, betas=self.betas, weight_decay=self.weight_decay)
+        if self.optimizer_name == "radam":
+            optimizer = torch.optim.RAdam(groups, betas=self.betas, weight_decay=self.weight_decay,
+                                          decoupled_weight_decay=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, betas=self.betas, weight_decay=self.weight_decay)
         cosine = self.lr_schedule == "cosine"
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [stage_schedule(*stage, cosine) for stage in stages])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -135,7 +135,7 @@ def image_loss(gen: CharacteristicGenerator, x1: Tensor) -> tuple[Tensor, dict[s
 
     # 3. weighting
     if gen.adaptive_weight:
-        lam = adaptive_weight(traj, dsm, last_weight(gen.student))
+        lam = adaptive_weight(traj, dsm, last_weight(gen.student.net))
         loss = traj + gen.dsm_weight * lam * dsm
     else:
         lam = torch.ones((), device=x1.device)

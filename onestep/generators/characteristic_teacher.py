@@ -27,6 +27,7 @@ same formula with a learned ``d`` (see :mod:`onestep.generators.characteristic`)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from onestep.generators.flow_matching import FlowMatching
 from onestep.nets import SinusoidalTimeEmbedding, as_batch_time, build_backbone
+from onestep.nets.unet import ResBlock
 
 INTERPOLANTS = ("linear", "follmer")
 SOLVERS = ("euler", "exp")
@@ -201,33 +203,83 @@ def freeze(module: nn.Module) -> None:
 
 
 class TwoTimeNet(nn.Module):
-    r"""``F(x, s, t)``: a backbone run at start time ``s`` on ``x`` plus sinusoidal features of the target time ``t``.
+    r"""``F(x, s, t)``: a backbone run at start time ``s`` on ``x`` that also sees the target time ``t``.
 
-    The ``t`` features are appended to the input (extra coordinates for vectors, extra constant channels for
-    images), so any ``mlp`` or ``unet`` backbone takes two times without changes. The authors instead add a
-    second time embedding inside every block; input injection is our simplification.
-    :meth:`init_from` copies a teacher backbone ``F(x, s)`` and zeroes the weights that read the ``t``
-    features, so the student starts *exactly* at the teacher (``F(x, s, t) = F_teacher(x, s)``).
+    ``target_time_input`` says where ``t`` enters:
+
+    * ``input``: sinusoidal features of ``t`` are appended to the input (extra coordinates for vectors,
+      extra constant channels for images), so any ``mlp`` or ``unet`` backbone takes two times unchanged;
+      for an MLP this is how it sees ``s`` too, for a UNet ``t`` then reaches only the input convolution;
+    * ``blocks`` (UNet only, the authors' code): ``t`` gets its own embedding MLP, and every residual
+      block a FiLM layer of its own whose (scale, shift) is added to the block's ``s`` FiLM output.
+
+    :meth:`init_from` copies a teacher backbone ``F(x, s)`` and zeroes the weights that read ``t`` (the
+    input columns, or the last layer of each per-block ``t`` FiLM), so the student starts *exactly* at the
+    teacher (``F(x, s, t) = F_teacher(x, s)``; spec #9).
     """
 
-    def __init__(self, spec: Mapping[str, Any] | None, data_shape: Sequence[int], t_features: int = 16) -> None:
+    def __init__(self, spec: Mapping[str, Any] | None, data_shape: Sequence[int], t_features: int = 16,
+                 target_time_input: str = "input") -> None:
         super().__init__()
         self.data_shape, self.t_features = tuple(data_shape), int(t_features)
+        self.target_time_input = target_time_input
         name = (spec or {}).get("name") if isinstance(spec, Mapping) else spec
-        if name is not None and str(name).lower().replace("-", "_") not in ("mlp", "unet"):
+        name = None if name is None else str(name).lower().replace("-", "_")
+        if name is not None and name not in ("mlp", "unet"):
             raise ValueError(f"backbone {name!r} cannot serve the characteristic map, whose input carries the "
                              "target time as extra features; use 'mlp' (vectors or images) or 'unet' (images)")
+        if len(self.data_shape) not in (1, 3):
+            raise ValueError(f"the characteristic map needs vectors (d,) or images (C, H, W), got {self.data_shape}")
+        if target_time_input == "blocks":
+            if len(self.data_shape) != 3 or name not in (None, "unet"):
+                raise ValueError("target_time_input='blocks' needs the 'unet' backbone on images (C, H, W); "
+                                 f"got backbone {name or 'mlp'!r} on data of shape {list(self.data_shape)}: "
+                                 "use target_time_input='input'")
+            self.net = build_backbone(spec, self.data_shape, self.data_shape)
+            self._add_block_films()
+            return
         if len(self.data_shape) == 1:
             in_shape: tuple[int, ...] = (self.data_shape[0] + self.t_features,)
-        elif len(self.data_shape) == 3:
-            in_shape = (self.data_shape[0] + self.t_features, *self.data_shape[1:])
         else:
-            raise ValueError(f"the characteristic map needs vectors (d,) or images (C, H, W), got {self.data_shape}")
+            in_shape = (self.data_shape[0] + self.t_features, *self.data_shape[1:])
         self.t_embed = SinusoidalTimeEmbedding(self.t_features)
         self.net = build_backbone(spec, in_shape, self.data_shape)
 
+    def _add_block_films(self) -> None:
+        """The ``blocks`` layers: a ``t`` embedding MLP and, per FiLM-conditioned block, a zero-initialised
+        ``SiLU -> Linear`` whose output is added (by a forward hook) to that block's ``s`` FiLM output."""
+        films = [m.film for m in self.net.modules() if isinstance(m, ResBlock) and m.film is not None]
+        if not films:
+            raise ValueError("target_time_input='blocks' needs a time-conditioned UNet (time_dim > 0)")
+        dim = films[0][-1].in_features
+        self.t_embed = nn.Sequential(SinusoidalTimeEmbedding(self.t_features), nn.Linear(self.t_features, dim),
+                                     nn.SiLU(), nn.Linear(dim, dim))
+        self.t_films = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(dim, f[-1].out_features)) for f in films)
+        self._zero_target_weights()
+        self._target_emb: Tensor | None = None
+        for film, extra in zip(films, self.t_films):
+            film.register_forward_hook(functools.partial(self._add_target_film, extra))
+
+    def _add_target_film(self, extra: nn.Module, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        if self._target_emb is None:
+            raise RuntimeError("TwoTimeNet: the UNet ran without a target time; call the TwoTimeNet, not its .net")
+        return output + extra(self._target_emb)
+
+    @torch.no_grad()
+    def _zero_target_weights(self) -> None:
+        for film in getattr(self, "t_films", []):
+            nn.init.zeros_(film[-1].weight)
+            nn.init.zeros_(film[-1].bias)
+
     def forward(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
-        feats = self.t_embed(as_batch_time(t, len(x), like=x)).to(x.dtype)
+        t_batch = as_batch_time(t, len(x), like=x)
+        if self.target_time_input == "blocks":
+            self._target_emb = self.t_embed(t_batch).to(x.dtype)
+            try:
+                return self.net(x, as_batch_time(s, len(x), like=x))
+            finally:
+                self._target_emb = None
+        feats = self.t_embed(t_batch).to(x.dtype)
         if x.dim() == 4:
             feats = feats[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         return self.net(torch.cat([x, feats], dim=1), as_batch_time(s, len(x), like=x))
@@ -252,7 +304,7 @@ class TwoTimeNet(nn.Module):
         else:
             odd = [k for k in mine if mine[k].shape != theirs[k].shape and self._widened(mine[k], theirs[k]) is None]
             widened = [k for k in mine if mine[k].shape != theirs[k].shape]
-            if odd or len(widened) != 1:
+            if odd or len(widened) != (0 if self.target_time_input == "blocks" else 1):
                 problem = f"layer shapes differ ({(odd or widened)[:4]})"
         if problem:
             raise ValueError("cannot initialise the student from the teacher: their backbones differ, "
@@ -273,6 +325,7 @@ class TwoTimeNet(nn.Module):
                 value.zero_()
                 value[:, :at] = src[:, :at]
                 value[:, at + width:] = src[:, at:]
+        self._zero_target_weights()
 
 
 def stage_schedule(start: int, end: int | None, warmup: int, cosine: bool):
