@@ -275,3 +275,23 @@ def test_time_embedding_of_one_broadcast_time_equals_the_per_sample_embedding():
     once = embed(torch.tensor(0.37), batch_size=5)  # computed once, broadcast
     rows = embed(torch.full((5,), 0.37))  # computed per sample
     assert once.shape == (5, 33) and torch.equal(once, rows)
+
+
+def test_mlp_raw_time_feeds_t_itself():
+    """``time_embedding='raw'`` concatenates t as one column: the first layer sees in_dim + 1 inputs and
+    the output moves with t (a network that dropped t would give equal outputs)."""
+    net = build_backbone({"name": "mlp", "hidden": [16], "time_embedding": "raw"}, (2,))
+    assert net.net[0].in_features == 3
+    x = torch.randn(4, 2)
+    assert not torch.allclose(net(x, torch.zeros(4)), net(x, torch.ones(4)))
+    h = torch.cat([x, torch.full((4, 1), 0.3)], dim=1)
+    assert torch.allclose(net(x, 0.3), net.net(h))
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"time_embedding": "raw", "time_dim": 8}, "time_dim=8 would be ignored"),
+    ({"time_embedding": "fourier"}, "time_embedding must be one of"),
+])
+def test_mlp_rejects_bad_time_options(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build_backbone({"name": "mlp", **kwargs}, (2,))

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from onestep.generators.sample_noise import IndexedNoise
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -202,6 +204,9 @@ class OneStepGenerator(L.LightningModule):
               generator: torch.Generator | None = None) -> Tensor:
         """Standard normal noise ``(n, *shape)`` on the model's device, reproducible through ``generator``."""
         shape = self.data_shape if shape is None else tuple(shape)
+        indexed = getattr(self, "_indexed_noise", None)
+        if generator is not None and indexed is not None and indexed.generator is generator:
+            return indexed.draw(n, shape).to(self.device)  # inside sample_chunked: chunk-independent noise
         device = generator.device if generator is not None else self.device
         z = torch.randn((n, *shape), generator=generator, device=device)
         return z.to(self.device)
@@ -331,14 +336,26 @@ class OneStepGenerator(L.LightningModule):
     @torch.no_grad()
     def sample_chunked(self, n: int, chunk_size: int = 4096, generator: torch.Generator | None = None,
                        use_ema: bool = True) -> Tensor:
-        """Like :meth:`sample` but in chunks of at most ``chunk_size``, so large ``n`` fits in memory."""
+        """Like :meth:`sample` but in chunks of at most ``chunk_size``, so large ``n`` fits in memory.
+
+        With a ``generator`` the noise that :meth:`randn` hands ``generate`` is addressed by sample index
+        (:class:`~onestep.generators.sample_noise.IndexedNoise`), so the result does not depend on
+        ``chunk_size``: ``sample_chunked(n, c, g)`` equals ``sample(n, g)`` for equally seeded ``g``."""
         _check(n >= 1, f"n must be >= 1, got {n}")
         _check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
         was_training = self.training
         self.eval()
+        indexed = IndexedNoise(generator) if generator is not None else None
+        self._indexed_noise = indexed
         try:
             with self.ema_weights() if use_ema else contextlib.nullcontext():
-                chunks = [self.generate(min(chunk_size, n - start), generator) for start in range(0, n, chunk_size)]
+                chunks = []
+                for start in range(0, n, chunk_size):
+                    size = min(chunk_size, n - start)
+                    if indexed is not None:
+                        indexed.begin_chunk(start, size)
+                    chunks.append(self.generate(size, generator))
         finally:
+            self._indexed_noise = None
             self.train(was_training)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)

@@ -37,7 +37,13 @@ LOSSES = ("position", "velocity")
 
 
 class OTNFM(PrefetchedPairing, OneStepGenerator):
-    """One-step flow map trained on OT-coupled linear paths."""
+    """One-step flow map trained on OT-coupled linear paths.
+
+    ``p_t1`` (spec §1.5): the fraction of training times set to exactly ``t = 1``, the only time one-step
+    sampling uses. Default 0.5, by measurement (8gaussians, 300 steps, batch 256, MLP 128x2, lr 3e-3,
+    EMA 0.9, seed 0; floor 0.321): one-step W2 1.228 at p_t1 = 0, 1.042 at 0.5, 1.275 at 1.0. At the
+    4,000-step toy budget only p_t1 = 0 was measured (8gaussians 0.557, moons2d 0.290, seed 0).
+    """
 
     nfe = 1
 
@@ -47,7 +53,7 @@ class OTNFM(PrefetchedPairing, OneStepGenerator):
         backbone: Mapping[str, Any] | None = None,
         coupling: str = "minibatch",
         time_fn: str = "identity",
-        p_t1: float = 0.0,
+        p_t1: float = 0.5,
         loss_type: str = "position",
         bank_slots: int = 1,
         bank_seed: int = 0,
