@@ -61,8 +61,10 @@ def markdown(rows: list[dict[str, Any]], sources: dict[str, dict[str, Any]]) -> 
     for method, source in sources.items():
         machine = source.get("machine") or {}
         machine = machine.get("cpu") or machine if isinstance(machine, dict) else machine
-        lines.append(f"- {method}: measured {source.get('date')} on {machine}, "
-                     f"`{source.get('command')}`")
+        said = [f"measured {source['date']}" if source.get("date") else "",
+                f"on {machine}" if machine else "", f"`{source['command']}`" if source.get("command") else ""]
+        lines.append(f"- {method}: `benchmarks/results/claims_{method}.json` " + ", ".join(w for w in said if w)
+                     + (" (the machine and budget are in the protocol column)" if not machine else ""))
     return "\n".join(lines) + "\n"
 
 

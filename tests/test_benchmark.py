@@ -446,13 +446,13 @@ def test_sigterm_to_a_parallel_run_stops_the_workers_and_a_rerun_resumes(tmp_pat
     command = [sys.executable, "-m", "onestep.cli", "benchmark", "--suite", str(suite), "--out", str(out),
                "--jobs", "2", "--threads", "1", "--no-report"]
     first = subprocess.run(command, env={**os.environ, "ONESTEP_TEST_TERM": "1"}, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "stopped by SIGTERM" in first.stdout, first.stdout
     assert not (out / "logs" / "term-8gaussians-s2.log").exists()  # no cell is started after the signal
     assert not any(r["status"] == "ok" and r["budget"]["used"]["steps"] == 3000
                    for r in read_records(out / "results.jsonl") if r["seed"] == 0)
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
     latest = {r["seed"]: r for r in read_records(out / "results.jsonl")}
     assert all(latest[s]["status"] == "ok" and latest[s]["budget"]["used"]["steps"] == 3000 for s in (0, 1, 2))
