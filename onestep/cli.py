@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from onestep.callbacks import EvaluationCallback
 from onestep.callbacks.fault import NonFiniteGuard, PreemptionCheckpoint, check_checkpoint_file
 from onestep.callbacks.loggers import make_loggers
-from onestep.callbacks.progress import add_progress_bar, quiet_lightning
+from onestep.callbacks.progress import StepProgress, add_progress_bar, quiet_lightning
 from onestep.callbacks.reliability import ExactCheckpoint, ResumableRNG
 from onestep.checkpoints import check_data_shape, check_fit_checkpoint, resolve_last
 from onestep.data import OneStepDataModule
@@ -230,7 +230,8 @@ def _run_command(argv: list[str], from_sys: bool) -> int:
     if trainer is not None and trainer.is_global_zero:
         # not trainer.log_dir: that is a collective (broadcast) and the other ranks have finished already
         log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
-        if log_dir:
+        summarised = any(isinstance(cb, StepProgress) for cb in trainer.callbacks)  # its summary names the run
+        if log_dir and not summarised:
             print(f"onestep: log directory {Path(log_dir).resolve()}")
     return 0
 
