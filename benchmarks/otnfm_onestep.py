@@ -28,7 +28,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_torchcfm import REPO, locked_results, quiet, summarise  # noqa: E402
+from reference_torchcfm import REPO, data_reference_floor, locked_results, quiet, summarise  # noqa: E402
 
 from onestep.data import OneStepDataModule  # noqa: E402
 from onestep.generators import OTNFM  # noqa: E402
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if command not in results["commands"]:
             results["commands"].append(command)
     for dataset in args.datasets:
-        dm = OneStepDataModule(dataset, batch_size=args.batch, seed=0)
-        dm.setup()
-        ref = dm.reference("test", args.n_samples)
-        floor = float(wasserstein2(dm.reference("val", args.n_samples), ref, max_samples=None))
+        dm, ref, floor = data_reference_floor(dataset, args.batch, args.n_samples)
         for variant in args.variants:
             for seed in args.seeds:
                 start = time.perf_counter()

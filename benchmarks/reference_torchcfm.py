@@ -205,6 +205,15 @@ def summarise(cells: list[dict[str, Any]], floors: dict[str, float]) -> dict[str
     return out
 
 
+def data_reference_floor(dataset: str, batch: int, n_samples: int):
+    """The data module (onestep's own splits, seed 0), the first ``n_samples`` test points (raw units) and
+    the data floor: exact W2 between as many validation points and those test points."""
+    dm = OneStepDataModule(dataset, batch_size=batch, seed=0)
+    dm.setup()
+    ref = dm.reference("test", n_samples)
+    return dm, ref, float(wasserstein2(dm.reference("val", n_samples), ref, max_samples=None))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["moons2d", "8gaussians"])
@@ -240,10 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if command not in results["commands"]:
             results["commands"].append(command)
     for dataset in args.datasets:
-        dm = OneStepDataModule(dataset, batch_size=args.batch, seed=0)
-        dm.setup()
-        ref = dm.reference("test", args.n_samples)
-        floor = float(wasserstein2(dm.reference("val", args.n_samples), ref, max_samples=None))
+        dm, ref, floor = data_reference_floor(dataset, args.batch, args.n_samples)
         for variant in args.variants:
             for seed in args.seeds:
                 cell = run_cell(dataset, variant, seed, args, dm, ref)
