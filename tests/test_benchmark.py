@@ -287,7 +287,7 @@ def test_grid_expands_into_named_variants_and_cells():
 
 
 def test_shipped_suites_load_and_list_every_method():
-    for name in ("quick", "toy", "mnist"):
+    for name in ("quick", "toy", "toy_extra", "mnist"):
         suite = load_suite(REPO / "configs" / "suites" / f"{name}.yaml")
         assert {"flow_matching", "otnfm", "magt", "characteristic", "lmppm"} <= {m.name for m in suite.methods}
 
