@@ -35,7 +35,9 @@ from onestep.benchmark.cell import cell_args, run_cell
 from onestep.benchmark.records import (RESULTS_FILE, append_record, describe_machine_short, latest_by_cell,
                                        machine_info, package_versions, read_records)
 from onestep.benchmark.suite import Cell, Suite, load_suite
+from onestep.benchmark.tables import primary_metric
 from onestep.callbacks.fault import Interrupted
+from onestep.files import atomic_write_json
 
 
 class SuiteInterrupted(Exception):
@@ -89,12 +91,6 @@ def finished_cells(out_dir: Path, suite: Suite) -> set[tuple[str, str, int]]:
     return done
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def record_invocation(out_dir: Path, suite: Suite, argv: list[str]) -> None:
     """Keep the resolved suite and every invocation (argv, date, machine, versions) next to the results."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +104,7 @@ def record_invocation(out_dir: Path, suite: Suite, argv: list[str]) -> None:
     info["invocations"].append({"argv": ["onestep", "benchmark", *argv], "cwd": os.getcwd(),
                                 "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                                 "machine": machine_info(), "versions": package_versions()})
-    _write_json_atomic(info_path, info)
+    atomic_write_json(info_path, info)
 
 
 def select_cells(suite: Suite, methods: list[str] | None, datasets: list[str] | None,
@@ -228,8 +224,8 @@ def _log_cell(log, i: int, total: int, cell: Cell, record: dict[str, Any], secon
     left = estimate_left(remaining, durations) / max(1, min(jobs, len(remaining)))
     if record["status"] == "ok":
         m = record["metrics"]
-        quality = next((f"{k}={m[k]:.4g}" for k in ("w2", "fd_lenet-mnist", "fd_lenet-fashion", "fd_pixels")
-                        if m.get(k) is not None), "")
+        key = primary_metric(m)
+        quality = f"{key}={m[key]:.4g}" if key is not None and m.get(key) is not None else ""
         used = record["budget"]["used"]
         what = f"ok {quality} nfe={record.get('nfe')} steps={used['steps']} train={used['seconds']:.1f}s"
     else:
