@@ -6,8 +6,9 @@ and the ``n`` reference samples are two finite draws. The floor puts a number on
 .. math::  \mathrm{floor}(m) = m\big(\{x_i\}_{i \le n} \subset \text{train},\; \{y_j\}_{j \le n} \subset
            \text{reference split}\big),
 
-computed with exactly the cell's protocol (``n_samples``, reference split, ``w2_max_samples``, seed,
-feature spaces, PRDC ``k``, SW projections, off-manifold threshold). The train and reference splits are
+computed by the evaluation's own :func:`~onestep.metrics.suite.evaluate_samples` with exactly the cell's
+protocol (``n_samples``, reference split, ``w2_max_samples``, seed, feature spaces, PRDC ``k``, SW
+projections, off-manifold threshold). The train and reference splits are
 disjoint draws (synthetic sets: independent seeds per split; images: the train and test files). When the
 training set is smaller than ``n`` all of it is used (the floor then records the size). A method is
 "at the floor" when its W2 ratio ``W2 / floor`` is close to 1.

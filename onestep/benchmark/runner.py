@@ -19,6 +19,7 @@ once), prints which cells finished and which are left and the command that resum
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -32,12 +33,15 @@ from typing import Any
 import yaml
 
 from onestep.benchmark.cell import cell_args, run_cell
+from onestep.benchmark.parallel import run_cells_in_workers
 from onestep.benchmark.records import (RESULTS_FILE, append_record, describe_machine_short, latest_by_cell,
                                        machine_info, package_versions, read_records)
+from onestep.benchmark.report import write_report
 from onestep.benchmark.suite import Cell, Suite, load_suite
 from onestep.benchmark.tables import primary_metric
 from onestep.callbacks.fault import Interrupted
 from onestep.files import atomic_write_json
+from onestep.generators import OneStepGenerator
 
 
 class SuiteInterrupted(Exception):
@@ -65,10 +69,6 @@ def check_class_path(method) -> None:
     reports it; a run records the cell as failed with the same reason)."""
     if method.class_path is None:
         return
-    import importlib
-
-    from onestep.generators import OneStepGenerator
-
     module_name, _, class_name = method.class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
@@ -149,8 +149,6 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
         if jobs > 1:
             if not suite.path:
                 raise ValueError("--jobs > 1 needs a suite loaded from a file (the workers read it)")
-            from onestep.benchmark.parallel import run_cells_in_workers
-
             finished: set[tuple[str, str, int]] = set()
 
             def report(cell: Cell, record: dict[str, Any] | None, seconds: float) -> None:
@@ -310,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return 130
     if not args.no_report:
-        from onestep.benchmark.report import write_report
-
         paths = write_report(out_dir, wandb=wandb)
         print(f"onestep benchmark: report {paths['md']} and {paths['html']}")
     failed = [r["run_name"] for r in records if r.get("status") != "ok"]

@@ -8,7 +8,8 @@ in contiguous blocks). Every metric is a torchmetrics ``Metric`` whose states ar
 across processes and computed on every rank, so all ranks log the same numbers, equal to a single process
 holding the same samples. W2/SW2 are computed in raw units; FD in each named feature space
 (``eval/fd_<feature>``); precision/recall/density/coverage in the last feature space (raw units for
-synthetic data); distance-to-manifold statistics when the datamodule has a ``manifold``.
+synthetic data); distance-to-manifold statistics when the datamodule has a ``manifold``. These numbers come
+from :func:`onestep.metrics.suite.evaluate_samples`, the code the benchmark's data floor and NFE sweep use.
 ``eval/samples_per_s`` times the evaluation's own ``sample_chunked`` call on each rank (after a small
 untimed warm-up call, CUDA synchronised) and averages ``n_r / seconds`` over ranks (per-device throughput);
 ``eval/nfe`` is ``pl_module.nfe``. A model may add metrics with ``extra_eval_metrics(samples_raw) -> dict``
