@@ -43,13 +43,16 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], T], device: torch.device | str | None) -> tuple[T, float]:
-    """``(fn(), seconds)``, the device synchronised before starting and before reading the clock."""
+def timed(fn: Callable[[], T], device: torch.device | str | None,
+          clock: Callable[[], float] | None = None) -> tuple[T, float]:
+    """``(fn(), seconds)``, the device synchronised before starting and before reading the clock
+    (``clock``: default ``time.perf_counter``; a caller may pass its own, e.g. a test's fake clock)."""
+    clock = clock or time.perf_counter
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     result = fn()
     synchronize(device)
-    return result, time.perf_counter() - start
+    return result, clock() - start
 
 
 def measure_sampling_speed(sample_fn: Callable[[int], Any], n: int, warmup: int = 1, repeats: int = 3,
