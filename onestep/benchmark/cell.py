@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,16 @@ from lightning.pytorch import Callback
 
 from onestep.benchmark.records import jsonable, machine_info, package_versions
 from onestep.benchmark.suite import Cell, Suite, to_cli_value
+from onestep.benchmark.tables import primary_metric
+from onestep.callbacks import EvaluationCallback
+from onestep.callbacks.loggers import finish_wandb_runs
 from onestep.callbacks.progress import HeartbeatCallback
+from onestep.errors import summarize
+from onestep.files import atomic_torch_save
+from onestep.fit import run_lightning
+from onestep.metrics.features import get_feature_extractor
+from onestep.metrics.speed import timed
+from onestep.metrics.suite import MetricOptions, evaluate_samples
 
 HEARTBEAT_SECONDS = 30.0  # a cell's progress line (step, ETA) at most this often
 IMAGE_FINAL_SAMPLES = 100  # images kept per cell for the report's grid (vectors keep eval.final_samples)
@@ -114,14 +124,10 @@ def error_summary(message: str) -> str:
     """The informative part of an error, on one line: jsonargparse wraps a constructor's ``ValueError`` in a
     long "Does not validate against any of the Union subtypes" report; keep the option and the constructor's
     own messages (:func:`onestep.errors.summarize`)."""
-    from onestep.errors import summarize
-
     return summarize(message)
 
 
 def _find_eval_callback(trainer):
-    from onestep.callbacks import EvaluationCallback
-
     return next((cb for cb in trainer.callbacks if isinstance(cb, EvaluationCallback)), None)
 
 
@@ -135,12 +141,6 @@ def _timed(fn, intervals: list[tuple[float, float]]):
     return wrapper
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _final_samples(model, datamodule, suite: Suite, run_dir: Path) -> dict[str, Any]:
     """Draw and save the cell's final samples (raw units) for the report; returns their timing."""
     n = suite.protocol.final_samples
@@ -148,43 +148,39 @@ def _final_samples(model, datamodule, suite: Suite, run_dir: Path) -> dict[str, 
         n = min(n, IMAGE_FINAL_SAMPLES)
     seed = int(suite.protocol.options.get("seed", 0)) + 17
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    start = time.perf_counter()
-    samples = datamodule.denormalize(model.sample_chunked(n, generator=generator)).detach().float().cpu()
-    seconds = time.perf_counter() - start
-    _atomic_torch_save(samples, run_dir / "final_samples.pt")
+    samples, seconds = timed(lambda: datamodule.denormalize(model.sample_chunked(n, generator=generator))
+                             .detach().float().cpu(), model.device)
+    atomic_torch_save(samples, run_dir / "final_samples.pt")
     return {"n": n, "seconds": seconds, "path": "final_samples.pt"}
 
 
 @torch.no_grad()
 def _nfe_sweep(model, datamodule, eval_cb, suite: Suite) -> list[dict[str, Any]]:
     """Re-evaluate W2 (and FD for images) at each NFE of ``eval.nfe_sweep`` for models with ``steps``."""
-    from onestep.metrics import frechet_distance, get_feature_extractor, wasserstein2
-
     sweep = suite.protocol.nfe_sweep
     if not sweep or not isinstance(getattr(model, "steps", None), int) or isinstance(model.steps, bool):
         return []
     opts = suite.protocol.options
-    n, seed = int(opts["n_samples"]), int(opts.get("seed", 0))
+    n = int(opts["n_samples"])
     reference = datamodule.reference(opts.get("reference_split", "test"), n)
-    spaces = list(getattr(eval_cb, "_spaces", None) or [])
-    extractors = {name: get_feature_extractor(name) for name in spaces}
-    real_features = {name: extractor(reference) for name, extractor in extractors.items()}
-    original, out = model.steps, []
+    spaces = {name: (extractor, extractor(reference)) for name in (getattr(eval_cb, "_spaces", None) or [])
+              for extractor in [get_feature_extractor(name)]}
+    options, original = MetricOptions.from_protocol(opts), model.steps
     try:
-        for steps in sweep:
-            model.steps = steps
-            generator = torch.Generator(device=model.device).manual_seed(seed)
-            start = time.perf_counter()
-            fake = datamodule.denormalize(model.sample_chunked(n, generator=generator)).detach().cpu()
-            seconds = time.perf_counter() - start
-            row = {"steps": steps, "nfe": int(model.nfe), "samples_per_s": n / max(seconds, 1e-12),
-                   "w2": float(wasserstein2(fake, reference, opts.get("w2_max_samples"), seed))}
-            for name, real in real_features.items():
-                row[f"fd_{name}"] = float(frechet_distance(extractors[name](fake), real))
-            out.append(row)
+        return [_sweep_row(model, datamodule, steps, n, reference, spaces, options) for steps in sweep]
     finally:
         model.steps = original
-    return out
+
+
+def _sweep_row(model, datamodule, steps: int, n: int, reference, spaces, options: MetricOptions) -> dict[str, Any]:
+    """One NFE of the sweep: the same noise (``options.seed``) at ``steps`` solver steps."""
+    model.steps = steps
+    generator = torch.Generator(device=model.device).manual_seed(options.seed)
+    fake, seconds = timed(lambda: datamodule.denormalize(model.sample_chunked(n, generator=generator))
+                          .detach().cpu(), model.device)
+    row = {"steps": steps, "nfe": int(model.nfe), "samples_per_s": n / max(seconds, 1e-12)}
+    row.update(evaluate_samples(fake, reference, None, spaces, options, groups=("w2", "fd")))
+    return row
 
 
 def _tag_wandb(trainer, suite: Suite, cell: Cell) -> None:
@@ -210,8 +206,6 @@ def _cell_identity(suite: Suite, cell: Cell) -> dict[str, Any]:
 def _wandb_summary(record: dict[str, Any], eval_cb) -> dict[str, Any]:
     """The cell's W&B run summary: status, and the headline metric (FD in the last feature space, else W2;
     lower is better) at the end and at its best evaluation."""
-    from onestep.benchmark.tables import primary_metric
-
     status = record["status"] if record["status"] == "ok" or record.get("error") else "interrupted"
     summary: dict[str, Any] = {"status": status}
     if record.get("error"):
@@ -233,8 +227,6 @@ def _finish_wandb(trainer, suite: Suite, cell: Cell, record: dict[str, Any], eva
     """Close the cell's W&B run (so the next cell of this process gets its own), with its summary; the
     identity keys are written again because Lightning's flat hyperparameter logging overwrote ``seed``
     (the data module's own seed) after the run started."""
-    from onestep.callbacks.loggers import finish_wandb_runs
-
     if trainer is None:
         return
     try:
@@ -258,6 +250,15 @@ def _quiet(enabled: bool):
             logging.getLogger(name).setLevel(level)
 
 
+@dataclass
+class _CellRun:
+    """What the failure and W&B handling of :func:`run_cell` need to know about a cell in progress."""
+
+    phase: str = "configuration"
+    trainer: Any = None
+    eval_cb: Any = None
+
+
 def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | None = None,
              quiet: bool = True) -> dict[str, Any]:
     """Train and evaluate one cell; always returns a record (``status`` ``ok`` or ``failed``).
@@ -265,84 +266,20 @@ def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | No
     A configuration error (including jsonargparse's ``SystemExit``) or any exception while training is
     recorded as a failure. ``KeyboardInterrupt`` (and Lightning's ``SystemExit`` after Ctrl-C during fit)
     propagates so that an interrupted suite stops instead of recording a bogus failure."""
-    from onestep.cli import run_lightning
-
     started = time.perf_counter()
-    fingerprint = suite.fingerprint(cell)
-    run_root = out_dir / "runs" / cell.run_name
-    record: dict[str, Any] = {
-        "suite": suite.name, "method": cell.method.name, "base_method": cell.method.base_name or cell.method.name,
-        "variant": cell.method.variant, "dataset": cell.dataset, "seed": cell.seed, "fingerprint": fingerprint,
-        "run_name": cell.run_name, "protocol": suite.protocol.as_dict(),
-        "budget": {"requested": {"max_steps": suite.budget.max_steps, "minutes": suite.budget.minutes}},
-        "versions": package_versions(), "machine": machine_info(), "status": "failed"}
+    record = _new_record(suite, cell)
     caught: list[warnings.WarningMessage] = []
-    phase = "configuration"
-    trainer = eval_cb = None
+    run = _CellRun()
     try:
         with _quiet(quiet), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
-            args = cell_args(suite, cell, out_dir, wandb)
-            resume = find_resume_checkpoint(run_root, fingerprint)
-            record["command"] = "onestep fit " + shlex.join(args) + (f" --ckpt_path {resume}" if resume else "")
-            record["resumed_from"] = str(resume) if resume else None
-            buffer, argv = io.StringIO(), sys.argv
-            try:  # jsonargparse reports a bad option by printing usage and raising SystemExit
-                sys.argv = argv[:1]  # the cell's args are the whole command line, as with `onestep fit`
-                with contextlib.redirect_stderr(buffer), contextlib.redirect_stdout(buffer):
-                    cli = run_lightning(args=args, run=False)
-            except SystemExit as exit_:
-                raise ValueError(f"the cell's configuration was rejected (exit {exit_.code}): "
-                                 f"{buffer.getvalue().strip()[-2000:]}") from None
-            finally:
-                sys.argv = argv
-            trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-            record["config"] = jsonable(cli.config.as_dict())
-            record["data_config"] = jsonable(cli.config.as_dict().get("data", {}))
-            log_dir = Path(trainer.log_dir)
-            log_dir.mkdir(parents=True, exist_ok=True)
-            (log_dir / "cell.json").write_text(json.dumps({"fingerprint": fingerprint, "cell": cell.run_name}))
-            _tag_wandb(trainer, suite, cell)
-            clock = CellClock(suite.budget.seconds)
-            budget = suite.budget.seconds
-            time_left = (lambda: budget - clock.training_seconds(time.perf_counter())) if budget else None
-            trainer.callbacks += [clock, HeartbeatCallback(cell.run_name, HEARTBEAT_SECONDS, time_left=time_left)]
-            eval_cb = _find_eval_callback(trainer)
-            if eval_cb is None:
-                raise RuntimeError("no EvaluationCallback in the trainer: the suite's protocol cannot be applied")
-            eval_cb.evaluate = _timed(eval_cb.evaluate, clock.eval_intervals)
-            phase = "training"
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-            phase = "evaluation"
-            if not eval_cb.history or eval_cb.history[-1]["step"] != trainer.global_step:
-                # fit skipped the loop (resumed at its last step): run the final evaluation here
-                eval_cb.evaluate(trainer, model, final=True)
-            run_dir = Path(trainer.log_dir)
-            metrics = {k.removeprefix("eval/"): v for k, v in eval_cb.final_metrics.items()}
-            sampling = _final_samples(model, datamodule, suite, run_dir)
-            sweep = _nfe_sweep(model, datamodule, eval_cb, suite)
-            max_steps = trainer.max_steps
-            stopped_by = ("minutes" if clock.stopped_by_time else
-                          "max_steps" if max_steps and max_steps > 0 and trainer.global_step >= max_steps else "other")
-            sps = metrics.get("samples_per_s")
-            record.update({
-                "status": "ok", "metrics": metrics, "nfe": getattr(model, "nfe", None), "nfe_sweep": sweep,
-                "protocol": {**suite.protocol.as_dict(), **(getattr(eval_cb, "final_protocol", None) or {})},
-                "run_dir": os.path.relpath(run_dir, out_dir),
-                "final_samples": {**sampling, "path": os.path.relpath(run_dir / sampling["path"], out_dir)},
-                "timing": {"training_seconds": clock.training_seconds(), "eval_seconds": clock.eval_seconds(),
-                           "sampling_samples_per_s": sps,
-                           "sampling_seconds": (suite.protocol.options["n_samples"] / sps) if sps else None},
-                "budget": {**record["budget"], "used": {
-                    "steps": int(trainer.global_step), "seconds": clock.training_seconds(), "stopped_by": stopped_by,
-                    "max_steps_effective": max_steps}},
-            })
+            _train_and_evaluate(suite, cell, out_dir, wandb, record, run)
     except Exception as err:  # noqa: BLE001 - a failing cell is recorded, the suite goes on
-        record["error"] = f"{phase}: {type(err).__name__}: {error_summary(str(err))}"[:1000]
+        record["error"] = f"{run.phase}: {type(err).__name__}: {error_summary(str(err))}"[:1000]
         record["error_detail"] = str(err)[:4000]
         record["traceback"] = "".join(traceback.format_exc().splitlines(keepends=True)[-25:])
     finally:
-        _finish_wandb(trainer, suite, cell, record, eval_cb)
+        _finish_wandb(run.trainer, suite, cell, record, run.eval_cb)
     # library deprecation notices say nothing about the result; keep what does (e.g. few-sample FD)
     record["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught
                                  if not issubclass(w.category, (DeprecationWarning, FutureWarning))
@@ -350,3 +287,90 @@ def run_cell(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | No
     record["timing"] = {**record.get("timing", {}), "cell_seconds": time.perf_counter() - started}
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return record
+
+
+def _new_record(suite: Suite, cell: Cell) -> dict[str, Any]:
+    """The record's identity, protocol, requested budget and machine; ``failed`` until the cell finishes."""
+    return {
+        "suite": suite.name, "method": cell.method.name, "base_method": cell.method.base_name or cell.method.name,
+        "variant": cell.method.variant, "dataset": cell.dataset, "seed": cell.seed,
+        "fingerprint": suite.fingerprint(cell), "run_name": cell.run_name, "protocol": suite.protocol.as_dict(),
+        "budget": {"requested": {"max_steps": suite.budget.max_steps, "minutes": suite.budget.minutes}},
+        "versions": package_versions(), "machine": machine_info(), "status": "failed"}
+
+
+def _train_and_evaluate(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | None,
+                        record: dict[str, Any], run: _CellRun) -> None:
+    """Configure, train (resuming a checkpoint of the same specification) and evaluate; fills ``record``."""
+    args = cell_args(suite, cell, out_dir, wandb)
+    resume = find_resume_checkpoint(out_dir / "runs" / cell.run_name, record["fingerprint"])
+    record["command"] = "onestep fit " + shlex.join(args) + (f" --ckpt_path {resume}" if resume else "")
+    record["resumed_from"] = str(resume) if resume else None
+    cli = _configure(args)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    run.trainer = trainer
+    record["config"] = jsonable(cli.config.as_dict())
+    record["data_config"] = jsonable(cli.config.as_dict().get("data", {}))
+    log_dir = Path(trainer.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "cell.json").write_text(json.dumps({"fingerprint": record["fingerprint"], "cell": cell.run_name}))
+    _tag_wandb(trainer, suite, cell)
+    clock = _attach_clock(trainer, suite, cell)
+    run.eval_cb = eval_cb = _find_eval_callback(trainer)
+    if eval_cb is None:
+        raise RuntimeError("no EvaluationCallback in the trainer: the suite's protocol cannot be applied")
+    eval_cb.evaluate = _timed(eval_cb.evaluate, clock.eval_intervals)
+    run.phase = "training"
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    run.phase = "evaluation"
+    if not eval_cb.history or eval_cb.history[-1]["step"] != trainer.global_step:
+        # fit skipped the loop (resumed at its last step): run the final evaluation here
+        eval_cb.evaluate(trainer, model, final=True)
+    record.update(_results(suite, out_dir, trainer, model, datamodule, eval_cb, clock, record["budget"]))
+
+
+def _configure(args: list[str]):
+    """The cell's LightningCLI, built exactly as ``onestep fit`` would (``run=False``: not trained yet)."""
+    buffer, argv = io.StringIO(), sys.argv
+    try:  # jsonargparse reports a bad option by printing usage and raising SystemExit
+        sys.argv = argv[:1]  # the cell's args are the whole command line, as with `onestep fit`
+        with contextlib.redirect_stderr(buffer), contextlib.redirect_stdout(buffer):
+            return run_lightning(args=args, run=False)
+    except SystemExit as exit_:
+        raise ValueError(f"the cell's configuration was rejected (exit {exit_.code}): "
+                         f"{buffer.getvalue().strip()[-2000:]}") from None
+    finally:
+        sys.argv = argv
+
+
+def _attach_clock(trainer, suite: Suite, cell: Cell) -> CellClock:
+    """The cell's training clock (and wall-clock budget) and its progress line, added to the trainer."""
+    clock, budget = CellClock(suite.budget.seconds), suite.budget.seconds
+    time_left = (lambda: budget - clock.training_seconds(time.perf_counter())) if budget else None
+    trainer.callbacks += [clock, HeartbeatCallback(cell.run_name, HEARTBEAT_SECONDS, time_left=time_left)]
+    return clock
+
+
+def _results(suite: Suite, out_dir: Path, trainer, model, datamodule, eval_cb, clock: CellClock,
+             budget: dict[str, Any]) -> dict[str, Any]:
+    """The finished cell's part of the record: metrics, NFE sweep, final samples, timing, budget used."""
+    run_dir = Path(trainer.log_dir)
+    metrics = {k.removeprefix("eval/"): v for k, v in eval_cb.final_metrics.items()}
+    sampling = _final_samples(model, datamodule, suite, run_dir)
+    sweep = _nfe_sweep(model, datamodule, eval_cb, suite)
+    max_steps = trainer.max_steps
+    stopped_by = ("minutes" if clock.stopped_by_time else
+                  "max_steps" if max_steps and max_steps > 0 and trainer.global_step >= max_steps else "other")
+    sps = metrics.get("samples_per_s")
+    return {
+        "status": "ok", "metrics": metrics, "nfe": getattr(model, "nfe", None), "nfe_sweep": sweep,
+        "protocol": {**suite.protocol.as_dict(), **(getattr(eval_cb, "final_protocol", None) or {})},
+        "run_dir": os.path.relpath(run_dir, out_dir),
+        "final_samples": {**sampling, "path": os.path.relpath(run_dir / sampling["path"], out_dir)},
+        "timing": {"training_seconds": clock.training_seconds(), "eval_seconds": clock.eval_seconds(),
+                   "sampling_samples_per_s": sps,
+                   "sampling_seconds": (suite.protocol.options["n_samples"] / sps) if sps else None},
+        "budget": {**budget, "used": {
+            "steps": int(trainer.global_step), "seconds": clock.training_seconds(), "stopped_by": stopped_by,
+            "max_steps_effective": max_steps}},
+    }

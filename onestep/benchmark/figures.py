@@ -13,7 +13,6 @@ The data floor is drawn as a dashed line wherever the metric has one.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,10 @@ import numpy as np
 import torch
 
 from onestep.callbacks.visuals import make_grid, principal_axes
+from onestep.files import atomic_savefig
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
-
-
-def _atomic_savefig(fig, path: Path) -> Path:
-    """Write a PNG under a temporary name, then move it into place (readers never see half a file)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
 
 
 def _figure(n_panels: int, ncols: int = 3, size: tuple[float, float] = (4.2, 3.3)):
@@ -101,7 +88,7 @@ def qualitative_grid(samples: dict[tuple[str, str], torch.Tensor], references: d
                 p = project(x)
                 ax.scatter(p[:, 0], p[:, 1], color=_color(methods, column), **style)
     fig.tight_layout()
-    return _atomic_savefig(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def plain_log_axis(axis) -> None:
@@ -166,7 +153,7 @@ def metric_vs_nfe(groups: dict[str, dict[str, list[dict[str, Any]]]], metric_of:
         ax.set_title(dataset, fontsize=10), ax.set_xlabel("NFE per sample"), ax.set_ylabel(key)
         legend_outside(ax)
     fig.tight_layout()
-    return _atomic_savefig(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def metric_vs_time(groups, metric_of, floors, methods: list[str], path: Path) -> Path:
@@ -185,7 +172,7 @@ def metric_vs_time(groups, metric_of, floors, methods: list[str], path: Path) ->
         ax.set_title(dataset, fontsize=10), ax.set_xlabel("training time (s)"), ax.set_ylabel(key)
         legend_outside(ax)
     fig.tight_layout()
-    return _atomic_savefig(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def sampling_speed(groups, methods: list[str], path: Path) -> Path:
@@ -207,7 +194,7 @@ def sampling_speed(groups, methods: list[str], path: Path) -> Path:
             plain_log_axis(ax.xaxis)
         ax.set_title(dataset, fontsize=10), ax.set_xlabel("samples / s (higher is better)")
     fig.tight_layout()
-    return _atomic_savefig(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def sensitivity(groups, metric_of, floors, path: Path) -> Path | None:
@@ -252,4 +239,4 @@ def sensitivity(groups, metric_of, floors, path: Path) -> Path | None:
         ax.set_title(f"{base} on {dataset}", fontsize=10), ax.set_xlabel(option.rsplit(".", 1)[-1])
         ax.set_ylabel(key), ax.legend(fontsize=7)
     fig.tight_layout()
-    return _atomic_savefig(fig, path)
+    return atomic_savefig(fig, path)

@@ -6,8 +6,9 @@ and the ``n`` reference samples are two finite draws. The floor puts a number on
 .. math::  \mathrm{floor}(m) = m\big(\{x_i\}_{i \le n} \subset \text{train},\; \{y_j\}_{j \le n} \subset
            \text{reference split}\big),
 
-computed with exactly the cell's protocol (``n_samples``, reference split, ``w2_max_samples``, seed,
-feature spaces, PRDC ``k``, SW projections, off-manifold threshold). The train and reference splits are
+computed by the evaluation's own :func:`~onestep.metrics.suite.evaluate_samples` with exactly the cell's
+protocol (``n_samples``, reference split, ``w2_max_samples``, seed, feature spaces, PRDC ``k``, SW
+projections, off-manifold threshold). The train and reference splits are
 disjoint draws (synthetic sets: independent seeds per split; images: the train and test files). When the
 training set is smaller than ``n`` all of it is used (the floor then records the size). A method is
 "at the floor" when its W2 ratio ``W2 / floor`` is close to 1.
@@ -25,12 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from onestep.files import atomic_write_json
+from onestep.metrics.features import get_feature_extractor
+from onestep.metrics.suite import FeatureSpaces, MetricOptions, evaluate_samples
 
 FLOOR_FILE = "floors.json"
 DATA_KEYS_IRRELEVANT = ("batch_size", "num_workers")  # options that do not change the data itself
@@ -45,32 +49,13 @@ def floor_key(data_config: dict[str, Any], protocol: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([data, proto], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _floor_metrics(train, reference, dm, protocol: dict[str, Any], extractors: dict) -> dict[str, float]:
-    from onestep.metrics import frechet_distance, manifold_distance_stats, prdc, sliced_wasserstein, wasserstein2
-
-    seed = int(protocol.get("seed") or 0)
-    metrics: dict[str, float] = {
-        "w2": float(wasserstein2(train, reference, protocol.get("w2_max_samples"), seed)),
-        "sw2": float(sliced_wasserstein(train, reference, int(protocol.get("sw_projections") or 256), seed)),
-    }
-    if dm.manifold is not None:
-        threshold = float(protocol.get("offmanifold_threshold") or 0.1)
-        stats = manifold_distance_stats(dm.manifold.distance(train), threshold)
-        metrics.update({f"manifold_dist_{k}": float(stats[k]) for k in ("mean", "median", "p95")})
-        metrics["offmanifold"] = float(stats["offmanifold"])
-    fake_f, real_f = train, reference
-    with torch.no_grad():
-        for name, (extractor, real_features) in extractors.items():
-            fake_f, real_f = extractor(train), real_features
-            metrics[f"fd_{name}"] = float(frechet_distance(fake_f, real_f))
-        metrics.update({k: float(v) for k, v in prdc(real_f, fake_f, int(protocol.get("prdc_k") or 5)).items()})
-    return metrics
+def _floor_metrics(train, reference, dm, protocol: dict[str, Any], extractors: FeatureSpaces) -> dict[str, float]:
+    return evaluate_samples(train, reference, dm.manifold, extractors, MetricOptions.from_protocol(protocol))
 
 
 def compute_floor(data_config: dict[str, Any], protocol: dict[str, Any]) -> dict[str, Any]:
     """``{"metrics": {...same keys as a cell's metrics, plus <key>_std...}, "n_train_sample", "repeats"}``."""
-    from onestep.data import OneStepDataModule
-    from onestep.metrics import get_feature_extractor
+    from onestep.data import OneStepDataModule  # Lightning and the datasets: loaded only on a cache miss
 
     dm = OneStepDataModule(**data_config)
     dm.setup()
@@ -105,7 +90,5 @@ def floor_for(out_dir: Path, data_config: dict[str, Any], protocol: dict[str, An
     if key not in cache:
         cache[key] = {**compute_floor(data_config, protocol), "data_config": data_config,
                       "protocol": {k: protocol.get(k) for k in PROTOCOL_KEYS}}
-        tmp = out_dir / f".{FLOOR_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(cache, indent=1, default=str))
-        os.replace(tmp, out_dir / FLOOR_FILE)
+        atomic_write_json(out_dir / FLOOR_FILE, cache)
     return cache[key]

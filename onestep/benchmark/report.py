@@ -38,6 +38,7 @@ from onestep.benchmark.tables import (
     primary_metric,
     reference_table,
 )
+from onestep.files import atomic_write_text
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:0.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
@@ -234,12 +235,6 @@ def _html(data: dict[str, Any], figures: dict[str, Path], out_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out_dir: str | os.PathLike, wandb: dict[str, Any] | None = None,
                  with_floor: bool = True) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` and ``figures/``; returns their paths (and the data)."""
@@ -247,8 +242,8 @@ def write_report(out_dir: str | os.PathLike, wandb: dict[str, Any] | None = None
     data = collect(out_dir, with_floor=with_floor)
     figures = make_figures(out_dir, data)
     md, page = out_dir / "report.md", out_dir / "report.html"
-    _write_atomic(md, _markdown(data, figures, out_dir))
-    _write_atomic(page, _html(data, figures, out_dir))
+    atomic_write_text(md, _markdown(data, figures, out_dir))
+    atomic_write_text(page, _html(data, figures, out_dir))
     if wandb:
         log_summary_to_wandb(data, figures, project=wandb.get("project", "onestep"), out_dir=out_dir)
     return {"md": md, "html": page, "figures": figures, "data": data}

@@ -19,6 +19,7 @@ once), prints which cells finished and which are left and the command that resum
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -32,10 +33,15 @@ from typing import Any
 import yaml
 
 from onestep.benchmark.cell import cell_args, run_cell
+from onestep.benchmark.parallel import run_cells_in_workers
 from onestep.benchmark.records import (RESULTS_FILE, append_record, describe_machine_short, latest_by_cell,
                                        machine_info, package_versions, read_records)
+from onestep.benchmark.report import write_report
 from onestep.benchmark.suite import Cell, Suite, load_suite
+from onestep.benchmark.tables import primary_metric
 from onestep.callbacks.fault import Interrupted
+from onestep.files import atomic_write_json
+from onestep.generators import OneStepGenerator
 
 
 class SuiteInterrupted(Exception):
@@ -63,10 +69,6 @@ def check_class_path(method) -> None:
     reports it; a run records the cell as failed with the same reason)."""
     if method.class_path is None:
         return
-    import importlib
-
-    from onestep.generators import OneStepGenerator
-
     module_name, _, class_name = method.class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
@@ -89,12 +91,6 @@ def finished_cells(out_dir: Path, suite: Suite) -> set[tuple[str, str, int]]:
     return done
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def record_invocation(out_dir: Path, suite: Suite, argv: list[str]) -> None:
     """Keep the resolved suite and every invocation (argv, date, machine, versions) next to the results."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +104,7 @@ def record_invocation(out_dir: Path, suite: Suite, argv: list[str]) -> None:
     info["invocations"].append({"argv": ["onestep", "benchmark", *argv], "cwd": os.getcwd(),
                                 "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                                 "machine": machine_info(), "versions": package_versions()})
-    _write_json_atomic(info_path, info)
+    atomic_write_json(info_path, info)
 
 
 def select_cells(suite: Suite, methods: list[str] | None, datasets: list[str] | None,
@@ -153,8 +149,6 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
         if jobs > 1:
             if not suite.path:
                 raise ValueError("--jobs > 1 needs a suite loaded from a file (the workers read it)")
-            from onestep.benchmark.parallel import run_cells_in_workers
-
             finished: set[tuple[str, str, int]] = set()
 
             def report(cell: Cell, record: dict[str, Any] | None, seconds: float) -> None:
@@ -228,8 +222,8 @@ def _log_cell(log, i: int, total: int, cell: Cell, record: dict[str, Any], secon
     left = estimate_left(remaining, durations) / max(1, min(jobs, len(remaining)))
     if record["status"] == "ok":
         m = record["metrics"]
-        quality = next((f"{k}={m[k]:.4g}" for k in ("w2", "fd_lenet-mnist", "fd_lenet-fashion", "fd_pixels")
-                        if m.get(k) is not None), "")
+        key = primary_metric(m)
+        quality = f"{key}={m[key]:.4g}" if key is not None and m.get(key) is not None else ""
         used = record["budget"]["used"]
         what = f"ok {quality} nfe={record.get('nfe')} steps={used['steps']} train={used['seconds']:.1f}s"
     else:
@@ -314,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return 130
     if not args.no_report:
-        from onestep.benchmark.report import write_report
-
         paths = write_report(out_dir, wandb=wandb)
         print(f"onestep benchmark: report {paths['md']} and {paths['html']}")
     failed = [r["run_name"] for r in records if r.get("status") != "ok"]

@@ -8,7 +8,8 @@ in contiguous blocks). Every metric is a torchmetrics ``Metric`` whose states ar
 across processes and computed on every rank, so all ranks log the same numbers, equal to a single process
 holding the same samples. W2/SW2 are computed in raw units; FD in each named feature space
 (``eval/fd_<feature>``); precision/recall/density/coverage in the last feature space (raw units for
-synthetic data); distance-to-manifold statistics when the datamodule has a ``manifold``.
+synthetic data); distance-to-manifold statistics when the datamodule has a ``manifold``. These numbers come
+from :func:`onestep.metrics.suite.evaluate_samples`, the code the benchmark's data floor and NFE sweep use.
 ``eval/samples_per_s`` times the evaluation's own ``sample_chunked`` call on each rank (after a small
 untimed warm-up call, CUDA synchronised) and averages ``n_r / seconds`` over ranks (per-device throughput);
 ``eval/nfe`` is ``pl_module.nfe``. A model may add metrics with ``extra_eval_metrics(samples_raw) -> dict``
@@ -33,9 +34,11 @@ from torch import Tensor
 
 from onestep.callbacks.visuals import run_title, save_image_grid, save_scatter
 from onestep.data.datamodule import SPLITS
-from onestep.metrics import (PRDC, FrechetDistance, ManifoldDistance, SlicedWasserstein2, Wasserstein2,
-                             check_feature_space, get_feature_extractor, reference_features, sha256_file)
+from onestep.metrics import check_feature_space, get_feature_extractor, reference_features, sha256_file
 from onestep.metrics.features import FEATURES, WEIGHTS_DIR
+from onestep.metrics.speed import timed
+from onestep.metrics.suite import FeatureSpaces, MetricOptions, evaluate_samples
+from onestep.modules import eval_mode
 
 LENET_FOR_DATASET = {"mnist": "lenet-mnist", "fashion": "lenet-fashion", "fashion_mnist": "lenet-fashion",
                      "fashion-mnist": "lenet-fashion", "fashionmnist": "lenet-fashion"}
@@ -205,7 +208,7 @@ class EvaluationCallback(Callback):
         return torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
 
     def _real_features(self, name: str, reference: Tensor, dm) -> Tensor:
-        extractor = self._extractors[name]
+        extractor = self._extractor(name)
         if name == "pixels":
             return extractor(reference)
         tag = [f"seed{getattr(dm, 'seed', 'na')}"]
@@ -215,17 +218,34 @@ class EvaluationCallback(Callback):
                                    lambda: extractor(reference), self.cache_dir, tag="-".join(tag))
         return feats.to(reference.device)
 
+    def _extractor(self, name: str):
+        if name not in self._extractors:
+            use_path = self.feature_weights_path is not None and name != "pixels"
+            kw = {"weights_path": self.feature_weights_path} if use_path else {}
+            self._extractors[name] = get_feature_extractor(name, **kw)
+        return self._extractors[name]
+
+    def _feature_spaces(self, dm, reference: Tensor, world: int, rank: int) -> FeatureSpaces:
+        """name -> (extractor, this rank's share of the reference features), in ``self._spaces`` order."""
+        with torch.no_grad():
+            return {name: (self._extractor(name), torch.tensor_split(self._real_features(name, reference, dm),
+                                                                     world)[rank]) for name in self._spaces}
+
     def _sample(self, pl_module: LightningModule, n: int, rank: int) -> tuple[Tensor, float]:
+        """This rank's ``n`` samples (EMA weights, eval mode, training's RNG untouched) and their time."""
         device = pl_module.device
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-        warm = torch.Generator(device=device).manual_seed(self.seed + RANK_SEED_STRIDE * rank + 7)
-        pl_module.sample_chunked(min(n, 16), chunk_size=self.chunk_size, generator=warm)  # warm-up, untimed
-        gen = torch.Generator(device=device).manual_seed(self.seed + RANK_SEED_STRIDE * rank)
-        sync(device)
-        start = time.perf_counter()
-        samples = pl_module.sample_chunked(n, chunk_size=self.chunk_size, generator=gen)
-        sync(device)
-        return samples, time.perf_counter() - start
+        with eval_mode(pl_module), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.no_grad():
+            warm = torch.Generator(device=device).manual_seed(self.seed + RANK_SEED_STRIDE * rank + 7)
+            pl_module.sample_chunked(min(n, 16), chunk_size=self.chunk_size, generator=warm)  # warm-up, untimed
+            gen = torch.Generator(device=device).manual_seed(self.seed + RANK_SEED_STRIDE * rank)
+            # this module's clock: the DDP tests replace it with a fake one
+            return timed(lambda: pl_module.sample_chunked(n, chunk_size=self.chunk_size, generator=gen), device,
+                         clock=time.perf_counter)
+
+    def metric_options(self) -> MetricOptions:
+        return MetricOptions(seed=self.seed, w2_max_samples=self.w2_max_samples, sw_projections=self.sw_projections,
+                             prdc_k=self.prdc_k, offmanifold_threshold=self.offmanifold_threshold)
 
     def compute_metrics(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], Tensor]:
         """Run the protocol on every rank; returns (metrics, all ranks' raw samples or None)."""
@@ -234,50 +254,17 @@ class EvaluationCallback(Callback):
         counts = split_counts(self.n_samples, world)
         if self._spaces is None:
             self._spaces = self.resolve_feature_spaces(dm)
-        devices = [device] if device.type == "cuda" else []
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():  # never perturb training's RNG
-                samples, seconds = self._sample(pl_module, counts[rank], rank)
-        finally:
-            pl_module.train(was_training)
+        samples, seconds = self._sample(pl_module, counts[rank], rank)
         fake = dm.denormalize(samples).detach().to(device)
         if self._reference is None:
             self._reference = dm.reference(self.reference_split, self.n_samples).detach().to(device)
-        reference = self._reference
-        real = torch.tensor_split(reference, world)[rank]
-
-        metrics: dict[str, Tensor] = {}
-        with torch.no_grad():
-            w2 = Wasserstein2(self.w2_max_samples, self.seed).to(device)
-            sw2 = SlicedWasserstein2(self.sw_projections, self.seed).to(device)
-            for metric in (w2, sw2):
-                metric.update(fake=fake, real=real)
-            metrics["eval/w2"], metrics["eval/sw2"] = w2.compute(), sw2.compute()
-            if getattr(dm, "manifold", None) is not None:
-                manifold = ManifoldDistance(dm.manifold.distance, self.offmanifold_threshold).to(device)
-                manifold.update(fake)
-                stats = manifold.compute()
-                metrics.update({f"eval/manifold_dist_{k}": stats[k] for k in ("mean", "median", "p95")})
-                metrics["eval/offmanifold"] = stats["offmanifold"]
-            prdc_fake, prdc_real = fake, real
-            for name in self._spaces:
-                if name not in self._extractors:
-                    use_path = self.feature_weights_path is not None and name != "pixels"
-                    kw = {"weights_path": self.feature_weights_path} if use_path else {}
-                    self._extractors[name] = get_feature_extractor(name, **kw)
-                fake_f = self._extractors[name](fake)
-                real_f = torch.tensor_split(self._real_features(name, reference, dm), world)[rank]
-                fd = FrechetDistance(fake_f.shape[1]).to(device)
-                fd.update(fake=fake_f, real=real_f)
-                metrics[f"eval/fd_{name}"] = fd.compute()
-                prdc_fake, prdc_real = fake_f, real_f
-            pr = PRDC(self.prdc_k).to(device)
-            pr.update(fake=prdc_fake, real=prdc_real)
-            metrics.update({f"eval/{k}": v for k, v in pr.compute().items()})
-            speed = torch.tensor(counts[rank] / max(seconds, 1e-12), dtype=torch.float64, device=device)
-            metrics["eval/samples_per_s"] = trainer.strategy.reduce(speed, reduce_op="mean")
+        real = torch.tensor_split(self._reference, world)[rank]
+        suite = evaluate_samples(fake, real, getattr(dm, "manifold", None),
+                                 self._feature_spaces(dm, self._reference, world, rank), self.metric_options(),
+                                 sync=True)
+        metrics: dict[str, Any] = {f"eval/{k}": v for k, v in suite.items()}
+        speed = torch.tensor(counts[rank] / max(seconds, 1e-12), dtype=torch.float64, device=device)
+        metrics["eval/samples_per_s"] = trainer.strategy.reduce(speed, reduce_op="mean")
         if getattr(pl_module, "nfe", None) is not None:
             metrics["eval/nfe"] = torch.tensor(float(pl_module.nfe))
         everything = None

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from onestep.files import atomic_savefig
+
 
 def headline_metrics(metrics: dict[str, float]) -> list[tuple[str, float]]:
     """The metrics a title or a progress line shows: FD in the last feature space (else W2), then precision and
@@ -28,18 +30,6 @@ def run_title(method: str, dataset: str | None, step: int, metrics: dict[str, fl
     title = f"{method}{f' on {dataset}' if dataset else ''}, step {step}"
     shown = headline_metrics(metrics or {})
     return title + (": " + ", ".join(f"{k} {v:.4g}" for k, v in shown) if shown else "")
-
-
-def _atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", **kwargs)
-    os.replace(tmp, path)
-    return path
 
 
 def _numpy(x: Tensor) -> np.ndarray:
@@ -87,7 +77,7 @@ def save_scatter(samples: Tensor, data: Tensor, path: str | os.PathLike, title: 
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _atomic_savefig(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def make_grid(images: Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
@@ -135,4 +125,4 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, titl
     ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=8, y=0.995)
-    return _atomic_savefig(fig, path)
+    return atomic_savefig(fig, path)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from onestep.generators.sample_noise import IndexedNoise
+from onestep.modules import eval_mode
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -343,12 +344,10 @@ class OneStepGenerator(L.LightningModule):
         ``chunk_size``: ``sample_chunked(n, c, g)`` equals ``sample(n, g)`` for equally seeded ``g``."""
         _check(n >= 1, f"n must be >= 1, got {n}")
         _check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
-        was_training = self.training
-        self.eval()
         indexed = IndexedNoise(generator) if generator is not None else None
         self._indexed_noise = indexed
         try:
-            with self.ema_weights() if use_ema else contextlib.nullcontext():
+            with eval_mode(self), self.ema_weights() if use_ema else contextlib.nullcontext():
                 chunks = []
                 for start in range(0, n, chunk_size):
                     size = min(chunk_size, n - start)
@@ -357,5 +356,4 @@ class OneStepGenerator(L.LightningModule):
                     chunks.append(self.generate(size, generator))
         finally:
             self._indexed_noise = None
-            self.train(was_training)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)

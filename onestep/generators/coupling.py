@@ -33,6 +33,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from onestep.modules import datamodule_of
+
 COUPLINGS = ("independent", "minibatch", "global", "online")
 
 
@@ -237,8 +239,7 @@ def attach_pairing(model: torch.nn.Module, shape: Sequence[int]) -> PairingPipel
     Needs a data module that exposes ``train_batch_hook`` (:class:`~onestep.data.OneStepDataModule`) and
     collates in this process (``num_workers = 0``: a worker process has its own copy of the model). The
     noise seed is drawn from the global RNG, so it follows ``seed_everything``."""
-    trainer = getattr(model, "_trainer", None)
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    datamodule = datamodule_of(model)
     if datamodule is None or not hasattr(datamodule, "train_batch_hook") or datamodule.num_workers > 0:
         return None
     pipeline = PairingPipeline(shape, seed=int(torch.randint(2**62, (1,))))

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from onestep.generators.base import _check
 from onestep.generators.latent_flow import nn_median_bandwidth, silverman_bandwidth
+from onestep.modules import datamodule_of
 
 
 class KernelBankMixin:
@@ -22,7 +23,7 @@ class KernelBankMixin:
 
     @property
     def _datamodule(self) -> Any:
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return datamodule_of(self)
 
     @property
     def code_scale(self) -> Tensor:

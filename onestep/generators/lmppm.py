@@ -86,6 +86,7 @@ from onestep.generators.latent_flow import (  # noqa: F401 - kernel_mean and pro
     projection_step,
     sne_alignment,
 )
+from onestep.modules import eval_mode
 from onestep.nets import build_backbone
 
 MODES = ("lmppm", "kernel_only", "dae")
@@ -332,17 +333,13 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
         mode = mode or self.mode
         _check(steps >= 1, f"restore: steps (K) must be >= 1, got {steps}")
         _check(mode in MODES, f"restore: mode must be one of {MODES}, got {mode!r}")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             with self.ema_weights() if use_ema else torch.no_grad():
                 z = self.encode(x.to(self.device))
                 if mode != "dae":  # the DAE projection needs no bank
                     self._ensure_bank()
                     z = self.flow(z, steps, alpha, mode)
                 return self.decode(z)
-        finally:
-            self.train(was_training)
 
     @property
     def nfe(self) -> int:  # type: ignore[override]

@@ -49,6 +49,7 @@ from torch import Tensor
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.magt_density import (DEGENERATE_SINGULAR_VALUE, intrinsic_log_density, jacobian,
                                              levenberg_marquardt, project_to_manifold, standard_normal_log_prob)
+from onestep.modules import datamodule_of, eval_mode
 from onestep.nets import build_backbone
 
 PROPOSALS = ("mc", "qmc", "map_laplace")
@@ -223,7 +224,7 @@ class MAGT(OneStepGenerator):
         super().on_fit_start()
         if bool(self.standardization_fitted):  # standardize=none, or restored from a checkpoint
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = datamodule_of(self)
         data = getattr(datamodule, "train_data", None)
         _check(isinstance(data, Tensor),
                f"standardize={self.standardize!r} needs the training data: the datamodule has no train_data "
@@ -337,7 +338,7 @@ class MAGT(OneStepGenerator):
     def _raw_output(self, raw_units: bool = True):
         """Standardised network output -> the datamodule's units, then (``raw_units``, when a datamodule is
         attached) its affine ``denormalize``: the map whose Jacobian gives densities in those units."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = datamodule_of(self)
         denormalize = getattr(datamodule, "denormalize", None) if raw_units else None
 
         def post(y: Tensor) -> Tensor:
@@ -373,9 +374,7 @@ class MAGT(OneStepGenerator):
         metrics: dict[str, float] = {}
         if n == 0:
             return metrics
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             with self.ema_weights():
                 z = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(0)).to(self.device)
                 logp, sv = intrinsic_log_density(self.net, z, post=self._raw_output())
@@ -385,12 +384,10 @@ class MAGT(OneStepGenerator):
                     metrics["eval/intrinsic_logp"] = float(logp[ok].mean())
                     metrics["eval/intrinsic_bits_per_dim"] = float(-logp[ok].mean() / (self.latent_dim * math.log(2)))
                 metrics.update(self._heldout_projection_metrics())
-        finally:
-            self.train(was_training)
         return metrics
 
     def _heldout_projection_metrics(self) -> dict[str, float]:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = datamodule_of(self)
         if self.eval_projection_points == 0 or datamodule is None or not hasattr(datamodule, "reference"):
             return {}
         raw = datamodule.reference("test", self.eval_projection_points).to(self.device)

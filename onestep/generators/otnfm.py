@@ -30,6 +30,7 @@ from torch import Tensor
 
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.coupling import COUPLINGS, NoiseBank, PrefetchedPairing
+from onestep.modules import datamodule_of
 from onestep.nets import FlowMap, build_backbone
 from onestep.nets.time import FLOW_TIME_EMBEDDINGS
 
@@ -92,7 +93,7 @@ class OTNFM(PrefetchedPairing, OneStepGenerator):
         super().setup(stage)  # PrefetchedPairing
         if self.coupling not in ("global", "online") or self.bank is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = datamodule_of(self)
         data = getattr(datamodule, "train_data", None)
         if data is None:
             raise ValueError(f"coupling={self.coupling!r} needs the training set up front: train with "

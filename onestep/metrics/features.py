@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from onestep.files import atomic_write_bytes
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_NAME = "manifest.json"
 LENET_FEATURE_DIM = 128
@@ -274,13 +276,13 @@ def train_lenet(dataset: str, root=None, out_path: str | os.PathLike | None = No
     out_path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, buffer)
-    _atomic_write_bytes(out_path, buffer.getvalue())
+    atomic_write_bytes(out_path, buffer.getvalue())
     entry = {"sha256": sha256_file(out_path), "dataset": dataset, "test_accuracy": round(accuracy, 5),
              "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
              "train_seconds": round(seconds, 1), "feature_dim": LENET_FEATURE_DIM, "torch": torch.__version__}
     manifest = _read_manifest(out_path.parent)
     manifest[out_path.name] = entry
-    _atomic_write_bytes(out_path.parent / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(out_path.parent / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     if verbose:
         print(f"[lenet-{dataset}] test accuracy {accuracy:.4f}, {seconds:.0f}s, wrote {out_path}", flush=True)
     return entry
@@ -323,15 +325,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep"))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def reference_features(extractor_name: str, dataset: str, split: str, n: int | None,
                        compute_fn: Callable[[], Tensor], cache_dir: str | os.PathLike | None = None,
                        tag: str | None = None) -> Tensor:
@@ -350,5 +343,5 @@ def reference_features(extractor_name: str, dataset: str, split: str, n: int | N
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(feats, buffer)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return feats

@@ -20,11 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from onestep.metrics.wasserstein import TwoSampleMetric
-
-
-def _flat64(x: Tensor) -> Tensor:
-    return x.detach().reshape(x.shape[0], -1).to(torch.float64)
+from onestep.metrics.wasserstein import TwoSampleMetric, flat64
 
 
 def _squared_distances(a: Tensor, b: Tensor, a_sq: Tensor, b_sq: Tensor) -> Tensor:
@@ -49,7 +45,7 @@ def knn_radii(x: Tensor, k: int, chunk_size: int = 1024) -> Tensor:
 
 def prdc(real: Tensor, fake: Tensor, k: int = 5, chunk_size: int = 1024) -> dict[str, Tensor]:
     """``{"precision", "recall", "density", "coverage"}`` (0-d float64 tensors) of ``fake`` against ``real``."""
-    real, fake = _flat64(real), _flat64(fake).to(real.device)
+    real, fake = flat64(real), flat64(fake).to(real.device)
     real_r2, fake_r2 = knn_radii(real, k, chunk_size), knn_radii(fake, k, chunk_size)
     real_sq, fake_sq = (real * real).sum(1), (fake * fake).sum(1)
     in_real_balls = torch.zeros(fake.shape[0], dtype=torch.float64, device=real.device)  # per fake

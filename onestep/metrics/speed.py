@@ -1,8 +1,11 @@
 """Sampling throughput and a description of the machine that measured it.
 
-``samples_per_s = n / median(t_1..t_repeats)`` after ``warmup`` untimed calls (CUDA synchronised before
-and after each timed call). The number of network evaluations per sample (NFE) is a property of the
-model (``pl_module.nfe``), not measured here.
+Every sampling time in onestep (the evaluation's ``samples_per_s``, the NFE sweep, the final samples, this
+module's benchmark) is read by :func:`timed`: CUDA work is asynchronous, so the device is synchronised
+before the clock starts and again before it is read, else the time would be that of queueing the kernels.
+:func:`measure_sampling_speed`: ``samples_per_s = n / median(t_1..t_repeats)`` after ``warmup`` untimed
+calls. The number of network evaluations per sample (NFE) is a property of the model (``pl_module.nfe``),
+not measured here.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -30,9 +33,26 @@ def describe_machine(device: torch.device | str | None = None) -> dict[str, Any]
     return info
 
 
-def _sync(device: torch.device | None) -> None:
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+T = TypeVar("T")
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the device's queued work: a CUDA device, or (``None``) every CUDA device when there is one."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" or device is None and torch.cuda.is_available():
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: torch.device | str | None,
+          clock: Callable[[], float] | None = None) -> tuple[T, float]:
+    """``(fn(), seconds)``, the device synchronised before starting and before reading the clock
+    (``clock``: default ``time.perf_counter``; a caller may pass its own, e.g. a test's fake clock)."""
+    clock = clock or time.perf_counter
+    synchronize(device)
+    start = clock()
+    result = fn()
+    synchronize(device)
+    return result, clock() - start
 
 
 def measure_sampling_speed(sample_fn: Callable[[int], Any], n: int, warmup: int = 1, repeats: int = 3,
@@ -44,13 +64,7 @@ def measure_sampling_speed(sample_fn: Callable[[int], Any], n: int, warmup: int 
     with torch.no_grad():
         for _ in range(warmup):
             sample_fn(n)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            sample_fn(n)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        times = [timed(lambda: sample_fn(n), device)[1] for _ in range(repeats)]
     seconds = statistics.median(times)
     return {"samples_per_s": n / max(seconds, 1e-12), "seconds": seconds, "seconds_all": times, "n": n,
             "machine": describe_machine(device)}

@@ -28,7 +28,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 
-def _flat64(x: Tensor) -> Tensor:
+def flat64(x: Tensor) -> Tensor:
+    """``(n, ...) -> (n, D)`` float64, detached: the layout every sample-based metric computes in."""
     return x.detach().reshape(x.shape[0], -1).to(torch.float64)
 
 
@@ -41,7 +42,7 @@ def _subsample(x: Tensor, max_samples: int | None, seed: int) -> Tensor:
 
 def squared_distances(x: Tensor, y: Tensor) -> Tensor:
     """float64 matrix of ||x_i - y_j||^2 (difference form for small D, Gram form otherwise)."""
-    x, y = _flat64(x), _flat64(y)
+    x, y = flat64(x), flat64(y)
     if x.shape[1] <= 16:
         return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
     d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
@@ -52,8 +53,8 @@ def wasserstein2(x: Tensor, y: Tensor, max_samples: int | None = 2048, seed: int
     """Exact W2 between the empirical measures of ``x (n, ...)`` and ``y (m, ...)``; 0-d float64 tensor."""
     if x.shape[0] == 0 or y.shape[0] == 0:
         raise ValueError("wasserstein2 needs at least one sample on each side")
-    x = _subsample(_flat64(x), max_samples, seed)
-    y = _subsample(_flat64(y), max_samples, seed + 1)
+    x = _subsample(flat64(x), max_samples, seed)
+    y = _subsample(flat64(y), max_samples, seed + 1)
     cost = squared_distances(x, y).cpu().numpy()
     a = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=torch.float64).numpy()
     b = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=torch.float64).numpy()
@@ -81,7 +82,7 @@ def wasserstein2_1d_squared(u: Tensor, v: Tensor) -> Tensor:
 
 def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int = 0) -> Tensor:
     """Sliced W2 between the empirical measures of ``x`` and ``y``; 0-d float64 tensor (raw units)."""
-    x, y = _flat64(x), _flat64(y)
+    x, y = flat64(x), flat64(y)
     if x.shape[0] == 0 or y.shape[0] == 0:
         raise ValueError("sliced_wasserstein needs at least one sample on each side")
     theta = torch.randn(x.shape[1], n_projections, generator=torch.Generator().manual_seed(seed),
@@ -105,9 +106,9 @@ class TwoSampleMetric(Metric):
 
     def update(self, fake: Tensor | None = None, real: Tensor | None = None) -> None:
         if fake is not None:
-            self.fake.append(_flat64(fake))
+            self.fake.append(flat64(fake))
         if real is not None:
-            self.real.append(_flat64(real))
+            self.real.append(flat64(real))
 
     def _samples(self) -> tuple[Tensor, Tensor]:
         if not len(self.fake) or not len(self.real):  # list or tensor after sync
