@@ -1,0 +1,142 @@
+"""Option rules declared on signatures instead of written as checks.
+
+A numeric option states its allowed range in its annotation, a choice option its choices as a ``Literal``::
+
+    def __init__(self, lr: Annotated[float, Positive] = 1e-3,
+                 ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.999,
+                 steps: Annotated[int, Range(ge=1, label="K, flow iterations")] = 10,
+                 coupling: Literal[COUPLINGS] = "minibatch") -> None: ...
+
+:func:`~onestep.generators.base.check_option_types` (generators) and the datamodule read these when a
+module is built, so every rule is written once and its error is the same one line everywhere:
+``<option> must <rule>, got <value>`` (e.g. ``ema_decay must lie in [0, 1), got 1.5``). The CLI reads the
+same rule for a value the parser refused before the module was built (``nan``): see :func:`declared_rule`.
+Rules that tie several options together (``t_min < t_max``) stay hand-written checks in the ``__init__``.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval rule ``ge/gt <= value <= le/lt`` (any bound may be left out).
+
+    ``label`` goes after the option's name, ``note`` after the rule:
+    ``steps (K, flow iterations) must be >= 1, got 0``; ``eta_d must be > 0 (1 = full projection), got 0``."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    label: str = ""
+    note: str = ""
+
+    def contains(self, value: Any) -> bool:
+        v = float(value)
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def describe(self) -> str:
+        """``be > 0``, ``be >= 1``, ``lie in [0, 1)``: the words after ``<option> must``."""
+        low = (self.ge, "[", ">=") if self.ge is not None else (self.gt, "(", ">") if self.gt is not None else None
+        high = (self.le, "]", "<=") if self.le is not None else (self.lt, ")", "<") if self.lt is not None else None
+        if low and high:
+            text = f"lie in {low[1]}{_number(low[0])}, {_number(high[0])}{high[1]}"
+        elif low or high:
+            bound = low or high
+            text = f"be {bound[2]} {_number(bound[0])}"
+        else:
+            text = "be a finite number"
+        return text + (f" ({self.note})" if self.note else "")
+
+    def message(self, option: str, value: Any) -> str:
+        name = f"{option} ({self.label})" if self.label else option
+        return f"{name} must {self.describe()}, got {value!r}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+#: the common rules, by name
+Positive = Range(gt=0)
+NonNegative = Range(ge=0)
+AtLeastOne = Range(ge=1)
+UnitInterval = Range(ge=0, le=1)
+Fraction = Range(ge=0, lt=1)  # decays and momenta: [0, 1)
+
+
+def rules_of(tp: Any) -> list[Range]:
+    """The :class:`Range` rules in an annotation (through ``Optional``/unions)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return [m for m in tp.__metadata__ if isinstance(m, Range)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [r for a in typing.get_args(tp) for r in rules_of(a)]
+    return []
+
+
+def choices_of(tp: Any) -> tuple | None:
+    """The choices of a ``Literal`` annotation (``Literal[...] | None`` included), else None."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return choices_of(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [c for a in typing.get_args(tp) if (c := choices_of(a)) is not None]
+        return tuple(c for group in found for c in group) if found else None
+    return None
+
+
+def rule_error(option: str, value: Any, tp: Any) -> str | None:
+    """The one-line error for ``value`` of an option annotated ``tp`` whose *type* is already right, or
+    None when the value obeys the declared rule (range or choices)."""
+    choices = choices_of(tp)
+    if choices is not None and value not in choices and not (value is None and _allows_none(tp)):
+        return f"{option} must be one of {choices}" + (" (or null)" if _allows_none(tp) else "") + f", got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        return None  # None, text, ...: the type check answers
+    for rule in rules_of(tp):
+        if not rule.contains(value):
+            return rule.message(option, value)
+    return None
+
+
+def describe_rule(tp: Any) -> str | None:
+    """The declared rule of an annotation as the words after ``<option> must`` (None if it declares none)."""
+    rules = rules_of(tp)
+    if rules:
+        return rules[0].describe()
+    choices = choices_of(tp)
+    return f"be one of {choices}" if choices is not None else None
+
+
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def init_hints(cls: type) -> dict[str, Any]:
+    """The ``__init__`` annotations of ``cls`` and its bases (subclasses win), with their rules kept."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints.update(typing.get_type_hints(init, include_extras=True))
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve is simply not checked
+            continue
+    hints.pop("return", None)
+    return hints
+
+
+def declared_rule(cls: type, option: str) -> str | None:
+    """The rule ``cls`` (or a base) declares for ``option`` (``be > 0``), for messages about values the
+    command-line parser refused before the class was built (``nan``, ``inf``)."""
+    tp = init_hints(cls).get(option)
+    return describe_rule(tp) if tp is not None else None
