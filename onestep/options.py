@@ -19,8 +19,11 @@ from __future__ import annotations
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -42,17 +45,19 @@ class Range:
         return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
                 and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
 
-    def describe(self) -> str:
-        """``be > 0``, ``be >= 1``, ``lie in [0, 1)``: the words after ``<option> must``."""
+    def bounds(self) -> str:
+        """``> 0``, ``>= 1``, ``in [0, 1)`` (empty without bounds)."""
         low = (self.ge, "[", ">=") if self.ge is not None else (self.gt, "(", ">") if self.gt is not None else None
         high = (self.le, "]", "<=") if self.le is not None else (self.lt, ")", "<") if self.lt is not None else None
         if low and high:
-            text = f"lie in {low[1]}{_number(low[0])}, {_number(high[0])}{high[1]}"
-        elif low or high:
-            bound = low or high
-            text = f"be {bound[2]} {_number(bound[0])}"
-        else:
-            text = "be a finite number"
+            return f"in {low[1]}{_number(low[0])}, {_number(high[0])}{high[1]}"
+        bound = low or high
+        return f"{bound[2]} {_number(bound[0])}" if bound else ""
+
+    def describe(self) -> str:
+        """``be > 0``, ``be >= 1``, ``lie in [0, 1)``: the words after ``<option> must``."""
+        bounds = self.bounds()
+        text = ("lie " if bounds.startswith("in ") else "be ") + (bounds or "a finite number")
         return text + (f" ({self.note})" if self.note else "")
 
     def message(self, option: str, value: Any) -> str:
@@ -61,6 +66,8 @@ class Range:
 
 
 def _number(x: float) -> str:
+    if float(x).is_integer() and abs(x) >= 2**32 and (int(abs(x)) & (int(abs(x)) - 1)) == 0:
+        return ("-" if x < 0 else "") + f"2**{int(abs(x)).bit_length() - 1}"  # seeds: [0, 2**63)
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
@@ -140,3 +147,107 @@ def declared_rule(cls: type, option: str) -> str | None:
     command-line parser refused before the class was built (``nan``, ``inf``)."""
     tp = init_hints(cls).get(option)
     return describe_rule(tp) if tp is not None else None
+
+
+# ---------------------------------------------------------------------- types from annotations
+def describe_type(tp: Any) -> str:
+    """An annotation in words: ``an integer``, ``a finite number or None``, ``one of 'a', 'b'``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return describe_type(args[0])
+    if tp is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
+        return f"a list of {describe_type(args[0])} values" if args else "a list"
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return "a mapping"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def conforms(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the type the annotation ``tp`` asks for (types this cannot judge are accepted;
+    ranges are :func:`rule_error`'s business)."""
+    if tp is Any:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return conforms(value, args[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is bool:
+        return isinstance(value, (bool, np.bool_))
+    if tp is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if tp is float:
+        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+                and math.isfinite(float(value)))
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(conforms(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(conforms(v, args[0]) for v in value)
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def check_options(cls: type, options: Mapping[str, Any], prefix: str = "", say_allowed: bool = False) -> None:
+    """Refuse the first of ``options`` that breaks the ``__init__`` annotations of ``cls`` (and its bases)
+    with one line: a choice not among a ``Literal``'s, a value of the wrong type (``nan`` included, with the
+    declared range), or a value outside its declared :class:`Range`. Options without annotation pass.
+    ``say_allowed``: every refusal reads ``<prefix><option>=<value> is not allowed; use <type and rule>``."""
+    hints = init_hints(cls)
+    for option, value in options.items():
+        if option not in hints:
+            continue
+        tp = hints[option]
+        if say_allowed:
+            if value_problem(value, tp):
+                raise ValueError(f"{prefix}{option}={value!r} is not allowed; use {allowed_words(tp)}")
+            continue
+        wrong_rule = rule_error(option, value, tp)
+        if wrong_rule and choices_of(tp) is not None:
+            raise ValueError(prefix + wrong_rule)
+        if not conforms(value, tp):
+            non_finite = isinstance(value, (float, np.floating)) and not math.isfinite(float(value))
+            stated = describe_rule(tp) if non_finite else None
+            also = f" ({option} must {stated})" if stated else ""
+            raise ValueError(f"{cls.__name__}: {option}={value!r} is not allowed; expected {describe_type(tp)}{also}")
+        if wrong_rule:
+            raise ValueError(prefix + wrong_rule)
+
+
+def value_problem(value: Any, tp: Any) -> str | None:
+    """Why ``value`` breaks the annotation ``tp``, type and rule in one phrase (``must be an integer >= 1,
+    got 0``), for checks that name the option themselves (suite files); None when it fits."""
+    if conforms(value, tp) and rule_error("", value, tp) is None:
+        return None
+    return f"must be {allowed_words(tp)}, got {value!r}"
+
+
+def allowed_words(tp: Any) -> str:
+    """What an annotation allows, type and rule in one phrase: ``an integer >= 1``, ``one of a, b``."""
+    choices = choices_of(tp)
+    if choices is not None:
+        return f"one of {', '.join(str(c) for c in choices)}"
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    kinds = [a for a in args if a is not type(None)]
+    rules = rules_of(tp)
+    words = " or ".join(describe_type(a) for a in kinds)
+    if rules:
+        words += f" {rules[0].bounds()}" + (f" ({rules[0].note})" if rules[0].note else "")
+    return words

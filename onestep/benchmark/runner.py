@@ -228,7 +228,9 @@ def _log_cell(log, i: int, total: int, cell: Cell, record: dict[str, Any], secon
     left = estimate_left(remaining, durations) / max(1, min(jobs, len(remaining)))
     if record["status"] == "ok":
         m = record["metrics"]
-        quality = next((f"{k}={m[k]:.4g}" for k in ("w2", "fd_lenet-mnist", "fd_lenet-fashion", "fd_pixels")
+        from onestep.data.image_sets import lenet_feature_spaces  # the image-dataset registry's LeNets
+
+        quality = next((f"{k}={m[k]:.4g}" for k in ("w2", *(f"fd_{s}" for s in lenet_feature_spaces()), "fd_pixels")
                         if m.get(k) is not None), "")
         used = record["budget"]["used"]
         what = f"ok {quality} nfe={record.get('nfe')} steps={used['steps']} train={used['seconds']:.1f}s"

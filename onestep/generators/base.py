@@ -29,19 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
-import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
 from onestep.generators.sample_noise import IndexedNoise
-from onestep.options import Fraction, NonNegative, Positive, Range, describe_rule, init_hints, rule_error
-from onestep.options import choices_of as _choices
+from onestep.options import Fraction, NonNegative, Positive, Range, check_options
+from onestep.options import conforms as _conforms  # noqa: F401 - kept importable from here
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -51,82 +48,10 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-# ---------------------------------------------------------------------- option types from annotations
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:
-        return _describe(args[0])
-    if tp is type(None):
-        return "None"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
-        return f"a list of {_describe(args[0])} values" if args else "a list"
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        return "a mapping"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _conforms(value: Any, tp: Any) -> bool:
-    """Whether ``value`` fits the annotation ``tp`` (types this cannot judge are accepted)."""
-    if tp is Any:
-        return True
-    if tp is type(None) or tp is None:
-        return value is None
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:
-        return _conforms(value, args[0])
-    if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if tp is bool:
-        return isinstance(value, (bool, np.bool_))
-    if tp is int:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if tp is float:
-        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-                and math.isfinite(float(value)))
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
-        return not args or all(_conforms(v, args[0]) for v in value)
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        return isinstance(value, Mapping)
-    return isinstance(value, tp) if isinstance(tp, type) else True
-
-
 def check_option_types(module: Any, options: Mapping[str, Any]) -> None:
     """Check ``options`` against the ``__init__`` annotations of ``type(module)`` and its bases: the type,
-    then the declared rule (a :class:`~onestep.options.Range` or the ``Literal`` choices)."""
-    hints = init_hints(type(module))
-    name = type(module).__name__
-    for option, value in options.items():
-        if option not in hints:
-            continue
-        tp = hints[option]
-        wrong_rule = rule_error(option, value, tp)
-        if _choices(tp) is not None and wrong_rule:
-            raise ValueError(wrong_rule)
-        if not _conforms(value, tp):
-            stated = describe_rule(tp) if _non_finite(value) else None
-            also = f" ({option} must {stated})" if stated else ""
-            raise ValueError(f"{name}: {option}={value!r} is not allowed; expected {_describe(tp)}{also}")
-        if wrong_rule:
-            raise ValueError(wrong_rule)
-
-
-def _non_finite(value: Any) -> bool:
-    return isinstance(value, (float, np.floating)) and not math.isfinite(float(value))
+    then the declared rule (see :mod:`onestep.options`)."""
+    check_options(type(module), options)
 
 
 class OneStepGenerator(L.LightningModule):
