@@ -104,7 +104,7 @@ class Protocol:
     re-evaluated after training; ``final_samples``: samples saved per cell for the report)."""
 
     options: dict[str, Any]
-    nfe_sweep: tuple[Annotated[int, AtLeastOne], ...] | None = None
+    nfe_sweep: tuple[int, ...] | None = None
     final_samples: Annotated[int, AtLeastOne] = 2048
 
     def __post_init__(self) -> None:
