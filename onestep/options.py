@@ -17,6 +17,7 @@ Rules that tie several options together (``t_min < t_max``) stay hand-written ch
 from __future__ import annotations
 
 import math
+import numbers
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -106,7 +107,7 @@ def rule_error(option: str, value: Any, tp: Any) -> str | None:
     choices = choices_of(tp)
     if choices is not None and value not in choices and not (value is None and _allows_none(tp)):
         return f"{option} must be one of {choices}" + (" (or null)" if _allows_none(tp) else "") + f", got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         return None  # None, text, ...: the type check answers
     for rule in rules_of(tp):
         if not rule.contains(value):

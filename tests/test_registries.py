@@ -146,3 +146,13 @@ def test_one_decorator_registers_a_backbone_with_the_shared_checks(monkeypatch):
         build_backbone({"name": "wide_mlp", "time_dim": 8}, (3,), time_conditioned=False)
     with pytest.raises(ValueError, match=r"unexpected argument\(s\) \['width'\] for backbone 'wide_mlp'"):
         build_backbone({"name": "wide_mlp", "width": 3}, (3,))
+
+
+def test_numpy_numbers_obey_the_declared_ranges():
+    """Values read from arrays (``np.int64``) are checked like Python numbers, not waved through."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"bank_slots must be >= 1, got np.int64\(0\)"):
+        OTNFM(data_shape=(2,), bank_slots=np.int64(0))
+    with pytest.raises(ValueError, match=r"n_train=np.int64\(0\) is not allowed; use an integer >= 1"):
+        OneStepDataModule("rings2d", n_train=np.int64(0))

@@ -11,9 +11,12 @@ moving average (EMA) of the weights that sampling and evaluation use, chunked sa
 validation and the reliability callbacks.
 
 Options. Every ``__init__`` option of the whole class hierarchy is checked against its annotation when
-the module is built (``int`` options must be integers, ``float`` options finite numbers, ``str`` options
-strings, ``Sequence[int]`` lists of integers, ...), so a plugin only writes the *range* checks with
-:func:`_check`; errors are ``ValueError`` naming the class, the option, the value and what is allowed.
+the module is built (``int`` options must be integers, ``float`` options finite numbers, ``Sequence[int]``
+lists of integers, ...), and so are the rules it declares there: ``Literal[...]`` choices and
+:class:`~onestep.options.Range` bounds (``lr: Annotated[float, Positive]``, ``ema_decay: Annotated[float,
+Range(ge=0, lt=1)]``; see :mod:`onestep.options`). A plugin writes by hand only the rules that tie several
+options together (``t_min < t_max``), with :func:`_check`; errors are one-line ``ValueError`` naming the
+option, the value and what is allowed.
 
 Resumable plugins. A checkpoint restores the parameters and buffers (``state_dict``), the EMA, optimiser,
 scheduler, loop progress, data-loader position and every rank's RNG states (:meth:`configure_callbacks`
