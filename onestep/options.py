@@ -42,7 +42,7 @@ class Range:
     note: str = ""
 
     def contains(self, value: Any) -> bool:
-        v = float(value)
+        v = int(value) if isinstance(value, numbers.Integral) else float(value)  # exact for large integers
         return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
                 and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
 

@@ -156,3 +156,9 @@ def test_numpy_numbers_obey_the_declared_ranges():
         OTNFM(data_shape=(2,), bank_slots=np.int64(0))
     with pytest.raises(ValueError, match=r"n_train=np.int64\(0\) is not allowed; use an integer >= 1"):
         OneStepDataModule("rings2d", n_train=np.int64(0))
+
+
+def test_integer_bounds_are_compared_exactly():
+    """2**63 - 1 is a valid seed; as a float it would round up to the excluded bound 2**63."""
+    assert OneStepDataModule("rings2d", seed=2**63 - 1).seed == 2**63 - 1
+    assert Range(ge=0, lt=2**63).contains(2**63 - 512) and not Range(ge=0, lt=2**63).contains(2**63)
