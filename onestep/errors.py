@@ -114,7 +114,8 @@ def _explain(reasons: list[str], option: str, class_path: str | None, given: str
             reason += f" ({name} must {stated})" if stated else ""
         elif _WRONG_CHOICE.match(reason):
             choices, value = _WRONG_CHOICE.match(reason).groups()
-            reason = f"got {value!r}; use one of {', '.join(c.strip().strip(chr(39)) for c in choices.split(','))}"
+            listed = ", ".join(c.strip().strip(chr(39)) for c in choices.split(","))
+            reason = f"{name} must be one of {listed}, got {value!r}" if name else f"got {value!r}; use one of {listed}"
         elif _NOT_ACCEPTED.match(reason) and class_path:
             cls = class_path.rsplit(".", 1)[-1]
             reason = (f"{_NOT_ACCEPTED.match(reason).group(1)!r} is not an option of {cls}; "
@@ -127,16 +128,16 @@ def _explain(reasons: list[str], option: str, class_path: str | None, given: str
 
 
 def _stated_range(class_path: str, option: str) -> str | None:
-    """The range the generator class states for ``option`` in its own checks (see generators.base)."""
+    """The rule the generator class declares for ``option`` on its signature (see onestep.options)."""
     import importlib
 
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
-        from onestep.generators.base import stated_range
+        from onestep.options import declared_rule
     except Exception:  # noqa: BLE001 - an unknown class only loses the range in the message
         return None
-    return stated_range(cls, option)
+    return declared_rule(cls, option)
 
 
 def one_line(err: BaseException) -> str:

@@ -54,9 +54,11 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
 import yaml
+
+from onestep.options import AtLeastOne, Positive, Range, init_hints, value_problem
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+=,\[\]-]+$")
 RUNNER_EVAL_KEYS = {"nfe_sweep": None, "final_samples": 2048}
@@ -78,19 +80,17 @@ def _allowed(fn) -> set[str]:
 class Budget:
     """Training budget of every cell: optimiser steps, training minutes, or both (first reached stops)."""
 
-    max_steps: int | None = None
-    minutes: float | None = None
+    max_steps: Annotated[int, AtLeastOne] | None = None
+    minutes: Annotated[float, Positive] | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.minutes is None:
             _fail("budget", "give max_steps (optimiser steps) and/or minutes (training wall-clock), e.g. "
                   "{max_steps: 2000}")
-        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
-                                           or self.max_steps < 1):
-            _fail("budget.max_steps", f"must be an integer >= 1, got {self.max_steps!r}")
-        if self.minutes is not None and (isinstance(self.minutes, bool) or not isinstance(self.minutes, (int, float))
-                                         or not self.minutes > 0):
-            _fail("budget.minutes", f"must be a number > 0, got {self.minutes!r}")
+        for key, tp in get_type_hints(Budget, include_extras=True).items():
+            problem = value_problem(getattr(self, key), tp)
+            if problem:
+                _fail(f"budget.{key}", problem)
 
     @property
     def seconds(self) -> float | None:
@@ -105,7 +105,7 @@ class Protocol:
 
     options: dict[str, Any]
     nfe_sweep: tuple[int, ...] | None = None
-    final_samples: int = 2048
+    final_samples: Annotated[int, AtLeastOne] = 2048
 
     def __post_init__(self) -> None:
         from onestep.callbacks import EvaluationCallback
@@ -117,13 +117,15 @@ class Protocol:
         n = self.options.get("n_samples")
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             _fail("eval.n_samples", f"must be an integer >= 2, got {n!r}")
-        if self.options.get("reference_split") not in ("train", "val", "test"):
-            _fail("eval.reference_split", f"must be train, val or test, got {self.options.get('reference_split')!r}")
+        split = value_problem(self.options.get("reference_split"), init_hints(EvaluationCallback)["reference_split"])
+        if split:
+            _fail("eval.reference_split", split)
         if self.nfe_sweep is not None and (not self.nfe_sweep or any(
                 isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.nfe_sweep)):
             _fail("eval.nfe_sweep", f"must be a non-empty list of integers >= 1, got {list(self.nfe_sweep)!r}")
-        if isinstance(self.final_samples, bool) or not isinstance(self.final_samples, int) or self.final_samples < 1:
-            _fail("eval.final_samples", f"must be an integer >= 1, got {self.final_samples!r}")
+        final = value_problem(self.final_samples, Annotated[int, AtLeastOne])
+        if final:
+            _fail("eval.final_samples", final)
         # the callback's own checks (e.g. n_samples >= prdc_k + 1), so a bad protocol fails at load, not per cell
         from onestep.callbacks.evaluation import check_evaluation_options
 
@@ -370,8 +372,9 @@ def suite_from_dict(raw: dict[str, Any], path: str | None = None) -> Suite:
     for key in overrides:
         check_override_key("overrides", key)
     threads = raw.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        _fail("threads", f"must be an integer >= 1 (torch intra-op threads), got {threads!r}")
+    wrong_threads = value_problem(threads, Annotated[int, Range(ge=1, note="torch intra-op threads")] | None)
+    if wrong_threads:
+        _fail("threads", wrong_threads)
     methods = _method_specs(raw.get("methods"))
     reference = raw.get("reference")
     if reference is not None and reference not in [m.name for m in methods]:

@@ -34,14 +34,15 @@ from torch import Tensor
 
 from onestep.callbacks.visuals import run_title, save_image_grid, save_scatter
 from onestep.data.datamodule import SPLITS
+from onestep.data.image_sets import RegistryView, lenet_spellings
 from onestep.metrics import check_feature_space, get_feature_extractor, reference_features, sha256_file
 from onestep.metrics.features import FEATURES, WEIGHTS_DIR
 from onestep.metrics.speed import timed
 from onestep.metrics.suite import FeatureSpaces, MetricOptions, evaluate_samples
 from onestep.modules import eval_mode
 
-LENET_FOR_DATASET = {"mnist": "lenet-mnist", "fashion": "lenet-fashion", "fashion_mnist": "lenet-fashion",
-                     "fashion-mnist": "lenet-fashion", "fashionmnist": "lenet-fashion"}
+#: dataset spelling -> its default LeNet feature space, read from the image-dataset registry
+LENET_FOR_DATASET = RegistryView(lambda: {k: e.feature_space for k, e in lenet_spellings().items()})
 RANK_SEED_STRIDE = 1_000_003
 
 

@@ -1,11 +1,14 @@
 """Data layer: synthetic manifolds with a distance to their support, image loaders, and the datamodule."""
 
 from .datamodule import DATASETS, OneStepDataModule, resolve_data_root
+from .image_sets import IMAGE_DATASETS, ImageDataset, register_image_dataset
 from .images import load_cifar10, load_image_folder, load_mnist, read_idx, write_idx
 from .manifolds import MANIFOLDS, Manifold, get_manifold
 
 __all__ = [
     "DATASETS",
+    "IMAGE_DATASETS",
+    "ImageDataset",
     "MANIFOLDS",
     "Manifold",
     "OneStepDataModule",
@@ -14,6 +17,7 @@ __all__ = [
     "load_image_folder",
     "load_mnist",
     "read_idx",
+    "register_image_dataset",
     "resolve_data_root",
     "write_idx",
 ]

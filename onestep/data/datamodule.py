@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import numpy as np
@@ -17,19 +19,37 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .images import load_cifar10, load_image_folder, load_mnist
+from onestep.options import AtLeastOne, NonNegative, Range, check_options
+
+from .image_sets import IMAGE_DATASETS, IMAGE_SHAPES
 from .manifolds import MANIFOLDS, Manifold, get_manifold
 from .sampler import ResumableSampler, distributed_context
 
 __all__ = ["OneStepDataModule", "DATASETS", "IMAGE_SHAPES", "resolve_data_root"]
 
-IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
-    "mnist": (1, 28, 28),
-    "fashion_mnist": (1, 28, 28),
-    "cifar10": (3, 32, 32),
-    "image_folder": (3, 32, 32),  # (3, image_size, image_size)
-}
-DATASETS: tuple[str, ...] = (*MANIFOLDS, *IMAGE_SHAPES)
+
+
+class _DatasetNames(Sequence):
+    """Every dataset name: the manifolds', then the image sets' (:mod:`onestep.data.image_sets`), read from
+    the two registries each time, so a dataset registered later is known too."""
+
+    def _names(self) -> tuple[str, ...]:
+        return (*MANIFOLDS, *IMAGE_DATASETS)
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+DATASETS: Sequence[str] = _DatasetNames()
 SPLITS = ("train", "val", "test")
 DEFAULT_N_TRAIN_SYNTHETIC = 20000
 
@@ -52,28 +72,12 @@ def split_seed(seed: int, split: str) -> int:
     return int(np.random.SeedSequence([int(seed), 7919 + SPLITS.index(split)]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def _check_count(option: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        allowed = "an integer >= 1" + (" or None (all)" if allow_none else "")
-        raise ValueError(f"OneStepDataModule: {option}={value!r} is not allowed; use {allowed}")
-
-
-def _check_options(dataset, root, noise_std, seed, num_workers) -> None:
-    """Types and ranges of the options that `_check_count` does not cover."""
+def _check_options(dataset, root) -> None:
+    """The options a signature cannot declare: the dataset (registries read now) and the folder."""
     if not isinstance(dataset, str) or dataset not in DATASETS:
         raise ValueError(f"OneStepDataModule: unknown dataset={dataset!r}; known datasets: {', '.join(DATASETS)}")
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise ValueError(f"OneStepDataModule: root={root!r} is not allowed; use a folder path (str) or None")
-    if noise_std is not None and (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float))
-                                  or not np.isfinite(noise_std) or noise_std < 0):
-        raise ValueError(f"OneStepDataModule: noise_std={noise_std!r} is not allowed; use a finite number >= 0 "
-                         "or None (the manifold's default)")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-        raise ValueError(f"OneStepDataModule: seed={seed!r} is not allowed; use an integer in [0, 2**63)")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"OneStepDataModule: num_workers={num_workers!r} is not allowed; use an integer >= 0")
 
 
 class _BatchIndexedDataset(TensorDataset):
@@ -176,28 +180,26 @@ class OneStepDataModule(L.LightningDataModule):
     def __init__(
         self,
         dataset: str = "8gaussians",
-        batch_size: int = 256,
-        n_train: int | None = None,
-        n_val: int = 2048,
-        n_test: int = 2048,
+        batch_size: Annotated[int, AtLeastOne] = 256,
+        n_train: Annotated[int, Range(ge=1, note="or None: all")] | None = None,
+        n_val: Annotated[int, AtLeastOne] = 2048,
+        n_test: Annotated[int, AtLeastOne] = 2048,
         root: str | None = None,
-        noise_std: float | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
-        image_size: int = 32,
+        noise_std: Annotated[float, Range(ge=0, note="or None: the manifold's default")] | None = None,
+        seed: Annotated[int, Range(ge=0, lt=2**63)] = 0,
+        num_workers: Annotated[int, NonNegative] = 0,
+        image_size: Annotated[int, AtLeastOne] = 32,
     ) -> None:
         super().__init__()
-        _check_options(dataset, root, noise_std, seed, num_workers)
-        _check_count("batch_size", batch_size)
-        _check_count("n_train", n_train, allow_none=True)
-        _check_count("n_val", n_val)
-        _check_count("n_test", n_test)
-        _check_count("image_size", image_size)
+        _check_options(dataset, root)
+        options = dict(batch_size=batch_size, n_train=n_train, n_val=n_val, n_test=n_test, noise_std=noise_std,
+                       seed=seed, num_workers=num_workers, image_size=image_size)
+        check_options(type(self), options, prefix="OneStepDataModule: ", say_allowed=True)
         self.save_hyperparameters()
         self.dataset = dataset
         self.batch_size, self.n_val, self.n_test = batch_size, n_val, n_test
         self.seed, self.num_workers = int(seed), num_workers
-        self.is_image = dataset in IMAGE_SHAPES
+        self.is_image = dataset in IMAGE_DATASETS
         self.manifold: Manifold | None = None
         if self.is_image:
             if noise_std is not None:
@@ -206,15 +208,14 @@ class OneStepDataModule(L.LightningDataModule):
                     f"not to dataset={dataset!r}; leave it unset (None)"
                 )
             self.n_train = n_train
-            shape = IMAGE_SHAPES[dataset]
-            self.data_shape: tuple[int, ...] = (3, image_size, image_size) if dataset == "image_folder" else shape
+            self.data_shape: tuple[int, ...] = IMAGE_DATASETS[dataset].data_shape(image_size)
         else:
             self.manifold = get_manifold(dataset, noise_std=noise_std)
             self.n_train = DEFAULT_N_TRAIN_SYNTHETIC if n_train is None else n_train
             self.data_shape = (self.manifold.ambient_dim,)
         self.root = resolve_data_root(root) if self.is_image else (Path(root) if root else None)
         self.image_size = image_size
-        self.num_classes: int | None = 10 if dataset in ("mnist", "fashion_mnist", "cifar10") else None
+        self.num_classes: int | None = IMAGE_DATASETS[dataset].num_classes if self.is_image else None
         self.train_data: Tensor | None = None
         self.val_data: Tensor | None = None
         self.test_data: Tensor | None = None
@@ -275,18 +276,8 @@ class OneStepDataModule(L.LightningDataModule):
             self._labels[split] = labels.clone()
 
     def _load_images(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self.dataset in ("mnist", "fashion_mnist"):
-            fashion = self.dataset == "fashion_mnist"
-            return (*load_mnist(self.root, "train", fashion), *load_mnist(self.root, "test", fashion))
-        if self.dataset == "cifar10":
-            return (*load_cifar10(self.root, "train"), *load_cifar10(self.root, "test"))
-        images, labels = load_image_folder(self.root, self.image_size)
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed(self.seed, "test")))
-        n_held = max(1, len(images) // 10) if len(images) > 1 else 0
-        held, kept = order[:n_held], order[n_held:]
-        if n_held == 0:
-            held = kept
-        return images[kept], labels[kept], images[held], labels[held]
+        return IMAGE_DATASETS[self.dataset].load(self.root, image_size=self.image_size,
+                                                 seed=split_seed(self.seed, "test"))
 
     def _clamp(self, option: str, wanted: int, available: int) -> int:
         if wanted > available:

@@ -7,4 +7,14 @@ from onestep.generators.lmppm import LMPPM
 from onestep.generators.magt import MAGT
 from onestep.generators.otnfm import OTNFM
 
-__all__ = ["OneStepGenerator", "CharacteristicGenerator", "FlowMatching", "LMPPM", "MAGT", "OTNFM"]
+#: the shipped methods by config name (``configs/<name>/``); the contract test (tests/test_contract.py)
+#: checks every entry, so a new method is one line here (plus its configs)
+GENERATORS: dict[str, type[OneStepGenerator]] = {
+    "flow_matching": FlowMatching,
+    "otnfm": OTNFM,
+    "magt": MAGT,
+    "characteristic": CharacteristicGenerator,
+    "lmppm": LMPPM,
+}
+
+__all__ = ["OneStepGenerator", "CharacteristicGenerator", "FlowMatching", "LMPPM", "MAGT", "OTNFM", "GENERATORS"]

@@ -11,9 +11,12 @@ moving average (EMA) of the weights that sampling and evaluation use, chunked sa
 validation and the reliability callbacks.
 
 Options. Every ``__init__`` option of the whole class hierarchy is checked against its annotation when
-the module is built (``int`` options must be integers, ``float`` options finite numbers, ``str`` options
-strings, ``Sequence[int]`` lists of integers, ...), so a plugin only writes the *range* checks with
-:func:`_check`; errors are ``ValueError`` naming the class, the option, the value and what is allowed.
+the module is built (``int`` options must be integers, ``float`` options finite numbers, ``Sequence[int]``
+lists of integers, ...), and so are the rules it declares there: ``Literal[...]`` choices and
+:class:`~onestep.options.Range` bounds (``lr: Annotated[float, Positive]``, ``ema_decay: Annotated[float,
+Range(ge=0, lt=1)]``; see :mod:`onestep.options`). A plugin writes by hand only the rules that tie several
+options together (``t_min < t_max``), with :func:`_check`; errors are one-line ``ValueError`` naming the
+option, the value and what is allowed.
 
 Resumable plugins. A checkpoint restores the parameters and buffers (``state_dict``), the EMA, optimiser,
 scheduler, loop progress, data-loader position and every rank's RNG states (:meth:`configure_callbacks`
@@ -28,21 +31,18 @@ from generators it stores), and calls ``super()`` in any hook it overrides. Chec
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import re
-import types
-import typing
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
 from onestep.generators.sample_noise import IndexedNoise
 from onestep.modules import eval_mode
+from onestep.options import Fraction, NonNegative, Positive, Range, check_options
+from onestep.options import conforms as _conforms  # noqa: F401 - kept importable from here
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -52,93 +52,10 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-# ---------------------------------------------------------------------- option types from annotations
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is type(None):
-        return "None"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
-        return f"a list of {_describe(args[0])} values" if args else "a list"
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        return "a mapping"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _conforms(value: Any, tp: Any) -> bool:
-    """Whether ``value`` fits the annotation ``tp`` (types this cannot judge are accepted)."""
-    if tp is Any:
-        return True
-    if tp is type(None) or tp is None:
-        return value is None
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if tp is bool:
-        return isinstance(value, (bool, np.bool_))
-    if tp is int:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if tp is float:
-        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-                and math.isfinite(float(value)))
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
-        return not args or all(_conforms(v, args[0]) for v in value)
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        return isinstance(value, Mapping)
-    return isinstance(value, tp) if isinstance(tp, type) else True
-
-
 def check_option_types(module: Any, options: Mapping[str, Any]) -> None:
-    """Check ``options`` against the ``__init__`` annotations of ``type(module)`` and its bases."""
-    hints: dict[str, Any] = {}
-    for cls in reversed(type(module).__mro__):
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            continue
-        try:
-            hints.update(typing.get_type_hints(init))
-        except Exception:  # noqa: BLE001 - an annotation that does not resolve is simply not checked
-            continue
-    name = type(module).__name__
-    for option, value in options.items():
-        if option in hints and option != "return" and not _conforms(value, hints[option]):
-            stated = stated_range(type(module), option) if _non_finite(value) else None
-            also = f" ({option} must {stated})" if stated else ""
-            raise ValueError(f"{name}: {option}={value!r} is not allowed; expected {_describe(hints[option])}{also}")
-
-
-def _non_finite(value: Any) -> bool:
-    return isinstance(value, (float, np.floating)) and not math.isfinite(float(value))
-
-
-def stated_range(cls: type, option: str) -> str | None:
-    """The range an ``__init__`` of ``cls`` (or a base) states for ``option`` in its own check message
-    (``_check(lr > 0, f"lr must be > 0, got {lr}")`` gives ``be > 0``), so that ``nan``/``inf``, which fail
-    the type check before any range check runs, are answered with the allowed range too."""
-    pattern = re.compile(r"""["']""" + re.escape(option) + r""" must ([^"'{]+?), got""")
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        try:
-            found = pattern.search(inspect.getsource(init)) if init is not None else None
-        except (OSError, TypeError):  # no source (e.g. a compiled or interactive class)
-            continue
-        if found:
-            return found.group(1).strip()
-    return None
+    """Check ``options`` against the ``__init__`` annotations of ``type(module)`` and its bases: the type,
+    then the declared rule (see :mod:`onestep.options`)."""
+    check_options(type(module), options)
 
 
 class OneStepGenerator(L.LightningModule):
@@ -165,13 +82,13 @@ class OneStepGenerator(L.LightningModule):
         self,
         data_shape: Sequence[int] = (2,),
         backbone: Mapping[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        lr: Annotated[float, Positive] = 1e-3,
+        weight_decay: Annotated[float, NonNegative] = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        ema_decay: float = 0.999,
-        grad_clip: float = 1.0,
+        warmup_steps: Annotated[int, NonNegative] = 0,
+        lr_schedule: Literal[LR_SCHEDULES] = "constant",
+        ema_decay: Annotated[float, Fraction] = 0.999,
+        grad_clip: Annotated[float, Range(ge=0, note="0 disables clipping")] = 1.0,
     ) -> None:
         super().__init__()
         # all options of the class hierarchy (Lightning collects the subclasses' init arguments too)
@@ -179,13 +96,7 @@ class OneStepGenerator(L.LightningModule):
         check_option_types(self, {k: v for k, v in self.hparams.items() if not k.startswith("_")})
         _check(len(data_shape) > 0 and all(int(s) > 0 for s in data_shape),
                f"data_shape must be a non-empty list of positive sizes, got {list(data_shape)}")
-        _check(lr > 0, f"lr must be > 0, got {lr}")
-        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
         _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two values in [0, 1), got {betas}")
-        _check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
-        _check(lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-        _check(0 <= ema_decay < 1, f"ema_decay must lie in [0, 1), got {ema_decay}")
-        _check(grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
         self.data_shape = tuple(int(s) for s in data_shape)
         self.backbone_spec = dict(backbone) if backbone is not None else None
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)

@@ -38,7 +38,7 @@ unused-parameter search (``trains_in_stages``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ from onestep.generators.characteristic_teacher import (
     make_teacher, stage_schedule, teacher_output_net, time_column,
 )
 from onestep.generators.characteristic_vector import PAIR_SAMPLINGS, vector_loss
+from onestep.options import AtLeastOne, Fraction, NonNegative, Positive, Range
 
 MODES = ("auto", "vector", "image")
 DISTANCES = ("l2", "lpips")
@@ -97,60 +98,38 @@ class CharacteristicGenerator(OneStepGenerator):
         self,
         data_shape: Sequence[int] = (2,),
         backbone: Mapping[str, Any] | None = None,
-        mode: str = "auto",
-        interpolant: str | None = None,
-        teacher_steps: int = 0,
+        mode: Literal[MODES] = "auto",
+        interpolant: Literal[INTERPOLANTS] | None = None,
+        teacher_steps: Annotated[int, NonNegative] = 0,
         teacher_ckpt: str | None = None,
         teacher_backbone: Mapping[str, Any] | None = None,
-        teacher_lr: float | None = None,
-        teacher_warmup_steps: int = 0,
-        teacher_ema_decay: float | None = None,
+        teacher_lr: Annotated[float, Positive] | None = None,
+        teacher_warmup_steps: Annotated[int, NonNegative] = 0,
+        teacher_ema_decay: Annotated[float, Fraction] | None = None,
         init_student_from_teacher: bool = True,
-        grid_size: int = 50,
-        t_min: float = 0.0,
-        t_max: float = 0.999,
-        grid_spacing: str = "uniform",
-        solver: str = "euler",
-        pairs_per_trajectory: int = 4,
-        semigroup_weight: float = 1.0,
-        pair_sampling: str = "long",
-        trajectory_batch: int | None = None,
-        optimizer: str = "adamw",
-        target_time_input: str = "input",
-        dsm_weight: float = 1.0,
+        grid_size: Annotated[int, Range(ge=2)] = 50,
+        t_min: Annotated[float, Range(ge=0, le=1)] = 0.0,
+        t_max: Annotated[float, Range(ge=0, le=1)] = 0.999,
+        grid_spacing: Literal[GRID_SPACINGS] = "uniform",
+        solver: Literal[SOLVERS] = "euler",
+        pairs_per_trajectory: Annotated[int, AtLeastOne] = 4,
+        semigroup_weight: Annotated[float, NonNegative] = 1.0,
+        pair_sampling: Literal[PAIR_SAMPLINGS] = "long",
+        trajectory_batch: Annotated[int, Range(ge=1, note="or null: the batch size")] | None = None,
+        optimizer: Literal[OPTIMIZERS] = "adamw",
+        target_time_input: Literal[TARGET_TIME_INPUTS] = "input",
+        dsm_weight: Annotated[float, NonNegative] = 1.0,
         adaptive_weight: bool = True,
-        distance: str = "l2",
+        distance: Literal[DISTANCES] = "l2",
         lpips_weights: str | None = None,
-        sample_steps: int = 1,
-        t_features: int = 16,
+        sample_steps: Annotated[int, AtLeastOne] = 1,
+        t_features: Annotated[int, AtLeastOne] = 16,
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
-        _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
-        _check(interpolant is None or interpolant in INTERPOLANTS,
-               f"interpolant must be one of {INTERPOLANTS} (or null), got {interpolant!r}")
-        _check(teacher_steps >= 0, f"teacher_steps must be >= 0, got {teacher_steps}")
         _check(not (teacher_ckpt and teacher_steps > 0), f"give either teacher_ckpt ({teacher_ckpt!r}) or "
                f"teacher_steps > 0 (got {teacher_steps}), not both")
-        _check(teacher_lr is None or teacher_lr > 0, f"teacher_lr must be > 0, got {teacher_lr}")
-        _check(teacher_warmup_steps >= 0, f"teacher_warmup_steps must be >= 0, got {teacher_warmup_steps}")
-        _check(teacher_ema_decay is None or 0 <= teacher_ema_decay < 1,
-               f"teacher_ema_decay must lie in [0, 1), got {teacher_ema_decay}")
-        _check(grid_size >= 2, f"grid_size must be >= 2, got {grid_size}")
-        _check(0.0 <= t_min < t_max <= 1.0, f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-        _check(solver in SOLVERS, f"solver must be one of {SOLVERS}, got {solver!r}")
-        _check(grid_spacing in GRID_SPACINGS, f"grid_spacing must be one of {GRID_SPACINGS}, got {grid_spacing!r}")
-        _check(pair_sampling in PAIR_SAMPLINGS, f"pair_sampling must be one of {PAIR_SAMPLINGS}, got {pair_sampling!r}")
-        _check(trajectory_batch is None or trajectory_batch >= 1,
-               f"trajectory_batch must be >= 1 (or null: the batch size), got {trajectory_batch}")
-        _check(optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        _check(target_time_input in TARGET_TIME_INPUTS,
-               f"target_time_input must be one of {TARGET_TIME_INPUTS}, got {target_time_input!r}")
-        _check(pairs_per_trajectory >= 1, f"pairs_per_trajectory must be >= 1, got {pairs_per_trajectory}")
-        _check(semigroup_weight >= 0, f"semigroup_weight must be >= 0, got {semigroup_weight}")
-        _check(dsm_weight >= 0, f"dsm_weight must be >= 0, got {dsm_weight}")
-        _check(distance in DISTANCES, f"distance must be one of {DISTANCES}, got {distance!r}")
-        _check(t_features >= 1, f"t_features must be >= 1, got {t_features}")
+        _check(t_min < t_max, f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
         self.mode = ("image" if len(self.data_shape) == 3 else "vector") if mode == "auto" else mode
         _check((distance == "lpips") == bool(lpips_weights), f"distance={distance!r} and lpips_weights="
                f"{lpips_weights!r} disagree: LPIPS needs a weights file, L2 takes none")

@@ -15,7 +15,7 @@ The module also serves as the characteristic generator's teacher through :meth:`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from torch import Tensor
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.coupling import PrefetchedPairing
 from onestep.nets import build_backbone
+from onestep.options import AtLeastOne, NonNegative
 
 SAMPLERS = ("euler", "heun")
 FM_COUPLINGS = ("independent", "minibatch")
@@ -35,18 +36,14 @@ class FlowMatching(PrefetchedPairing, OneStepGenerator):
         self,
         data_shape: Sequence[int] = (2,),
         backbone: Mapping[str, Any] | None = None,
-        coupling: str = "minibatch",
-        sampler: str = "euler",
-        steps: int = 100,
-        sigma: float = 0.0,
+        coupling: Literal[FM_COUPLINGS] = "minibatch",
+        sampler: Literal[SAMPLERS] = "euler",
+        steps: Annotated[int, AtLeastOne] = 100,
+        sigma: Annotated[float, NonNegative] = 0.0,
         prefetch_pairing: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
-        _check(coupling in FM_COUPLINGS, f"coupling must be one of {FM_COUPLINGS}, got {coupling!r}")
-        _check(sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        _check(steps >= 1, f"steps must be >= 1, got {steps}")
-        _check(sigma >= 0, f"sigma must be >= 0, got {sigma}")
         self.coupling, self.sampler, self.steps, self.sigma = coupling, sampler, steps, sigma
         self.net = build_backbone(backbone, self.data_shape)
         self.prefetch_pairing = prefetch_pairing

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -88,6 +88,7 @@ from onestep.generators.latent_flow import (  # noqa: F401 - kernel_mean and pro
 )
 from onestep.modules import eval_mode
 from onestep.nets import build_backbone
+from onestep.options import AtLeastOne, NonNegative, Positive, Range, UnitInterval
 
 MODES = ("lmppm", "kernel_only", "dae")
 BANDWIDTH_RULES = ("silverman", "nn_median")
@@ -128,46 +129,38 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
         self, data_shape: Sequence[int] = (2,), backbone: Mapping[str, Any] | None = None,
         encoder: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
         distance_net: Mapping[str, Any] | None = None,
-        latent_dim: int = 16, latent_shape: Sequence[int] | None = None, mode: str = "lmppm",
-        steps: int = 10, alpha: float = 0.1, eta_d: float = 1.0, anneal_h: float = 1.0,
-        distance_inputs: str = "both", consistency_target: str = "clean",
-        restore_steps: int = 10, restore_alpha: float | None = None, bank_size: int = 10_000, bank_seed: int = 0,
-        bandwidth_rule: str = "silverman", h_scale: float = 1.0, bandwidth: float | None = None,
-        ae_steps: int | None = None, ae_fraction: float = 0.5, sigma_min: float = 0.05, sigma_max: float = 1.0,
-        latent_sigma_min: float = 0.05, latent_sigma_max: float = 1.0, lambda_rec: float = 1.0,
-        lambda_proj: float = 1.0, lambda_cons: float = 1.0, lambda_den: float = 1.0, lambda_eik: float = 0.1,
-        lambda_zero: float = 1.0, lambda_prob: float = 0.0, **base: Any,
+        latent_dim: Annotated[int, AtLeastOne] = 16, latent_shape: Sequence[int] | None = None,
+        mode: Literal[MODES] = "lmppm",
+        steps: Annotated[int, Range(ge=1, label="K, flow iterations")] = 10,
+        alpha: Annotated[float, Range(ge=0, le=1, note="1 = full mean shift")] = 0.1,
+        eta_d: Annotated[float, Range(gt=0, note="1 = full projection")] = 1.0,
+        anneal_h: Annotated[float, Range(ge=1, note="the first step's bandwidth over h; 1 = no annealing")] = 1.0,
+        distance_inputs: Literal[DISTANCE_INPUTS] = "both", consistency_target: Literal[CONSISTENCY_TARGETS] = "clean",
+        restore_steps: Annotated[int, Range(ge=1, label="K for restoration")] = 10,
+        restore_alpha: Annotated[float, Range(ge=0, le=1, note="1 = full mean shift")] | None = None,
+        bank_size: Annotated[int, AtLeastOne] = 10_000, bank_seed: int = 0,
+        bandwidth_rule: Literal[BANDWIDTH_RULES] = "silverman", h_scale: Annotated[float, Positive] = 1.0,
+        bandwidth: Annotated[float, Range(gt=0, note="or None: use the rule")] | None = None,
+        ae_steps: Annotated[int, NonNegative] | None = None,
+        ae_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.5,
+        sigma_min: Annotated[float, NonNegative] = 0.05, sigma_max: float = 1.0,
+        latent_sigma_min: Annotated[float, NonNegative] = 0.05, latent_sigma_max: float = 1.0,
+        lambda_rec: Annotated[float, NonNegative] = 1.0, lambda_proj: Annotated[float, NonNegative] = 1.0,
+        lambda_cons: Annotated[float, NonNegative] = 1.0, lambda_den: Annotated[float, NonNegative] = 1.0,
+        lambda_eik: Annotated[float, NonNegative] = 0.1, lambda_zero: Annotated[float, NonNegative] = 1.0,
+        lambda_prob: Annotated[float, NonNegative] = 0.0, **base: Any,
     ) -> None:
         _check(backbone is None, "LMPPM has three networks: give encoder=, decoder= and distance_net= specs "
                f"instead of backbone= (got backbone={backbone!r})")
         super().__init__(data_shape=data_shape, backbone=None, **base)
-        _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
         if latent_shape is not None:
             _check(len(latent_shape) == 3 and min(latent_shape) >= 1, "latent_shape must be a tensor latent "
                    f"[c, h, w] of positive sizes, e.g. [4, 8, 8], or None for a vector; got {list(latent_shape)}")
             latent_dim = math.prod(int(v) for v in latent_shape)
-        _check(latent_dim >= 1, f"latent_dim must be >= 1, got {latent_dim}")
-        _check(anneal_h >= 1, f"anneal_h must be >= 1 (the first step's bandwidth over h; 1 = no annealing), got {anneal_h}")
-        _check(distance_inputs in DISTANCE_INPUTS, f"distance_inputs must be one of {DISTANCE_INPUTS}, got {distance_inputs!r}")
-        _check(consistency_target in CONSISTENCY_TARGETS,
-               f"consistency_target must be one of {CONSISTENCY_TARGETS}, got {consistency_target!r}")
-        _check(steps >= 1, f"steps (K, flow iterations) must be >= 1, got {steps}")
-        _check(restore_steps >= 1, f"restore_steps (K for restoration) must be >= 1, got {restore_steps}")
-        for name, value in (("alpha", alpha), ("restore_alpha", restore_alpha)):
-            _check(value is None or 0 <= value <= 1, f"{name} must lie in [0, 1] (1 = full mean shift), got {value}")
-        _check(eta_d > 0, f"eta_d must be > 0 (1 = full projection), got {eta_d}")
-        _check(bank_size >= 1, f"bank_size must be >= 1, got {bank_size}")
-        _check(bandwidth_rule in BANDWIDTH_RULES, f"bandwidth_rule must be one of {BANDWIDTH_RULES}, got {bandwidth_rule!r}")
-        _check(h_scale > 0, f"h_scale must be > 0, got {h_scale}")
-        _check(bandwidth is None or bandwidth > 0, f"bandwidth must be > 0 or None (use the rule), got {bandwidth}")
-        _check(ae_steps is None or ae_steps >= 0, f"ae_steps must be >= 0 or None, got {ae_steps}")
-        _check(0 < ae_fraction < 1, f"ae_fraction must lie in (0, 1), got {ae_fraction}")
         for pre, lo, hi in (("", sigma_min, sigma_max), ("latent_", latent_sigma_min, latent_sigma_max)):
-            _check(0 <= lo <= hi, f"need 0 <= {pre}sigma_min <= {pre}sigma_max, got {lo}, {hi}")
+            _check(lo <= hi, f"need 0 <= {pre}sigma_min <= {pre}sigma_max, got {lo}, {hi}")
         self.loss_weights = {"rec": lambda_rec, "proj": lambda_proj, "cons": lambda_cons, "den": lambda_den,
                              "eik": lambda_eik, "zero": lambda_zero, "prob": lambda_prob}
-        for name, value in self.loss_weights.items():
-            _check(value >= 0, f"lambda_{name} must be >= 0, got {value}")
         self.latent_dim, self.mode, self.steps, self.alpha, self.eta_d = latent_dim, mode, steps, alpha, eta_d
         self.latent_shape = tuple(int(v) for v in latent_shape) if latent_shape is not None else (latent_dim,)
         self.anneal_h, self.distance_inputs, self.consistency_target = anneal_h, distance_inputs, consistency_target
@@ -305,7 +298,6 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
         """``steps`` iterations of the deterministic latent flow of ``mode`` (default: ``self.mode``); the
         kernel bandwidth goes from ``anneal_h * h`` down to ``h`` (geometric)."""
         mode = mode or self.mode
-        _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
         _check(steps >= 1, f"steps (K) must be >= 1, got {steps}")
         project = mode == "lmppm" and int(self.stage) == 2  # before stage 2, D is untrained: skip it
         bandwidths = annealed_bandwidths(float(self.bank_bandwidth), steps, anneal_h)

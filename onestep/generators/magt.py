@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ from onestep.generators.magt_density import (DEGENERATE_SINGULAR_VALUE, intrinsi
                                              levenberg_marquardt, project_to_manifold, standard_normal_log_prob)
 from onestep.modules import datamodule_of, eval_mode
 from onestep.nets import build_backbone
+from onestep.options import AtLeastOne, NonNegative, Positive, Range
 
 PROPOSALS = ("mc", "qmc", "map_laplace")
 LOSS_WEIGHTS = ("inv_sigma2", "per_dim", "fisher")
@@ -148,46 +149,33 @@ class MAGT(OneStepGenerator):
         self,
         data_shape: Sequence[int] = (2,),
         backbone: Mapping[str, Any] | None = None,
-        latent_dim: int = 2,
-        sigma: float | None = None,
-        tau: float | None = None,
-        n_anchors: int = 512,
-        proposal: str = "mc",
-        loss_weight: str = "inv_sigma2",
+        latent_dim: Annotated[int, AtLeastOne] = 2,
+        sigma: Annotated[float, Positive] | None = None,
+        tau: Annotated[float, Range(gt=0, lt=1, note="sigma = (1 - tau) / tau")] | None = None,
+        n_anchors: Annotated[int, AtLeastOne] = 512,
+        proposal: Literal[PROPOSALS] = "mc",
+        loss_weight: Literal[LOSS_WEIGHTS] = "inv_sigma2",
         detach_weights: bool = False,
-        n_noise: int = 1,
-        laplace_anchors: int = 16,
-        map_steps: int = 5,
-        laplace_fallback_ess: float = 0.0,
-        eval_points: int = 512,
-        eval_projection_points: int = 0,
-        standardize: str = "auto",
+        n_noise: Annotated[int, AtLeastOne] = 1,
+        laplace_anchors: Annotated[int, AtLeastOne] = 16,
+        map_steps: Annotated[int, NonNegative] = 5,
+        laplace_fallback_ess: Annotated[float, Range(ge=0, note="0: off")] = 0.0,
+        eval_points: Annotated[int, NonNegative] = 512,
+        eval_projection_points: Annotated[int, NonNegative] = 0,
+        standardize: Literal[STANDARDIZATIONS] = "auto",
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
         _check(sigma is None or tau is None, f"give sigma or tau, not both (got sigma={sigma}, tau={tau})")
         if tau is not None:
-            _check(0.0 < tau < 1.0, f"tau must lie in (0, 1) (sigma = (1 - tau) / tau), got {tau}")
             sigma = (1.0 - tau) / tau
         sigma = DEFAULT_SIGMA if sigma is None else sigma
-        _check(math.isfinite(sigma) and sigma > 0, f"sigma must be a finite number > 0, got {sigma}")
-        counts = (("latent_dim", latent_dim, 1), ("n_anchors", n_anchors, 1), ("n_noise", n_noise, 1),
-                  ("laplace_anchors", laplace_anchors, 1), ("map_steps", map_steps, 0),
-                  ("eval_points", eval_points, 0), ("eval_projection_points", eval_projection_points, 0))
-        for name, value, low in counts:
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                   f"{name} must be an integer >= {low}, got {value!r}")
-        _check(proposal in PROPOSALS, f"proposal must be one of {PROPOSALS}, got {proposal!r}")
-        _check(loss_weight in LOSS_WEIGHTS, f"loss_weight must be one of {LOSS_WEIGHTS}, got {loss_weight!r}")
         self.latent_dim, self.sigma, self.n_anchors, self.proposal = latent_dim, float(sigma), n_anchors, proposal
         self.loss_weight, self.detach_weights, self.n_noise = loss_weight, bool(detach_weights), n_noise
-        _check(math.isfinite(laplace_fallback_ess) and laplace_fallback_ess >= 0,
-               f"laplace_fallback_ess must be a finite number >= 0 (0: off), got {laplace_fallback_ess}")
         self.laplace_anchors, self.map_steps = laplace_anchors, map_steps
         self.laplace_fallback_ess, self.used_laplace = float(laplace_fallback_ess), False
         self.eval_points, self.eval_projection_points = eval_points, eval_projection_points
         is_image = len(self.data_shape) == 3
-        _check(standardize in STANDARDIZATIONS, f"standardize must be one of {STANDARDIZATIONS}, got {standardize!r}")
         if standardize == "auto":
             standardize = "none" if is_image else AUTO_VECTOR_STANDARDIZATION
         _check(not (is_image and standardize == "per_coordinate"),

@@ -23,7 +23,7 @@ never conflict). The ``minibatch`` assignment is solved one batch ahead on a bac
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ from onestep.generators.coupling import COUPLINGS, NoiseBank, PrefetchedPairing
 from onestep.modules import datamodule_of
 from onestep.nets import FlowMap, build_backbone
 from onestep.nets.time import FLOW_TIME_EMBEDDINGS
+from onestep.options import AtLeastOne, UnitInterval
 
 LOSSES = ("position", "velocity")
 
@@ -52,24 +53,17 @@ class OTNFM(PrefetchedPairing, OneStepGenerator):
         self,
         data_shape: Sequence[int] = (2,),
         backbone: Mapping[str, Any] | None = None,
-        coupling: str = "minibatch",
-        time_fn: str = "identity",
-        p_t1: float = 0.5,
-        loss_type: str = "position",
-        bank_slots: int = 1,
+        coupling: Literal[COUPLINGS] = "minibatch",
+        time_fn: Literal[tuple(FLOW_TIME_EMBEDDINGS)] = "identity",
+        p_t1: Annotated[float, UnitInterval] = 0.5,
+        loss_type: Literal[LOSSES] = "position",
+        bank_slots: Annotated[int, AtLeastOne] = 1,
         bank_seed: int = 0,
-        global_max_size: int = 10_000,
+        global_max_size: Annotated[int, AtLeastOne] = 10_000,
         prefetch_pairing: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
-        _check(coupling in COUPLINGS, f"coupling must be one of {COUPLINGS}, got {coupling!r}")
-        _check(0.0 <= p_t1 <= 1.0, f"p_t1 must lie in [0, 1], got {p_t1}")
-        _check(loss_type in LOSSES, f"loss_type must be one of {LOSSES}, got {loss_type!r}")
-        _check(bank_slots >= 1, f"bank_slots must be >= 1, got {bank_slots}")
-        _check(global_max_size >= 1, f"global_max_size must be >= 1, got {global_max_size}")
-        _check(time_fn in FLOW_TIME_EMBEDDINGS,
-               f"time_fn must be one of {sorted(FLOW_TIME_EMBEDDINGS)}, got {time_fn!r}")
         _check(not (coupling == "global" and bank_slots != 1), "coupling='global' uses one noise per data point: "
                f"set bank_slots=1 (got {bank_slots})")
         self.coupling, self.p_t1, self.loss_type = coupling, p_t1, loss_type

@@ -24,18 +24,23 @@ import os
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 
 import torch
 from torch import Tensor, nn
 
 from onestep.files import atomic_write_bytes
+from onestep.data.image_sets import IMAGE_DATASETS, ImageDataset, RegistryView, lenet_spellings
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_NAME = "manifest.json"
 LENET_FEATURE_DIM = 128
-LENET_DATASETS = {"mnist": False, "fashion": True}  # dataset name -> ``fashion`` flag of load_mnist
-LENET_ALIASES = {"fashion_mnist": "fashion", "fashion-mnist": "fashion"}  # datamodule spellings
+#: LeNet name (``mnist``, ``fashion``) -> the image dataset it is trained on
+LENET_DATASETS: Mapping[str, ImageDataset] = RegistryView(
+    lambda: {e.lenet: e for e in IMAGE_DATASETS.values() if e.lenet})
+#: other spellings (the datamodule's ``fashion_mnist``, ...) -> LeNet name
+LENET_ALIASES: Mapping[str, str] = RegistryView(
+    lambda: {k: e.lenet for k, e in lenet_spellings().items() if k != e.lenet})
 
 
 # --------------------------------------------------------------------------------------------- networks
@@ -139,12 +144,35 @@ class InceptionFeatures(FeatureExtractor):
         return self.net(x)[0].reshape(x.shape[0], -1).float()
 
 
-FEATURES: dict[str, Callable[..., FeatureExtractor]] = {
-    "pixels": PixelFeatures,
-    "lenet-mnist": partial(LeNetFeatures, "mnist"),
-    "lenet-fashion": partial(LeNetFeatures, "fashion"),
-    "inception": InceptionFeatures,
-}
+class _FeatureSpaces(MutableMapping):
+    """``pixels``, one ``lenet-<name>`` per image dataset with a LeNet (read from the image-dataset registry
+    each time) and ``inception``; entries set here (a user's own space) come first."""
+
+    def __init__(self, own: dict[str, Callable[..., FeatureExtractor]]) -> None:
+        self._own = own
+
+    def _all(self) -> dict[str, Callable[..., FeatureExtractor]]:
+        lenets = {f"lenet-{name}": partial(LeNetFeatures, name) for name in LENET_DATASETS}
+        return {"pixels": self._own["pixels"], **lenets, **self._own}
+
+    def __getitem__(self, name: str) -> Callable[..., FeatureExtractor]:
+        return self._all()[name]
+
+    def __setitem__(self, name: str, build: Callable[..., FeatureExtractor]) -> None:
+        self._own[name] = build
+
+    def __delitem__(self, name: str) -> None:
+        del self._own[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+FEATURES: MutableMapping[str, Callable[..., FeatureExtractor]] = _FeatureSpaces(
+    {"pixels": PixelFeatures, "inception": InceptionFeatures})
 
 
 def get_feature_extractor(name: str, **kwargs) -> FeatureExtractor:
@@ -208,12 +236,11 @@ def load_lenet_state(dataset: str, weights_path: str | os.PathLike | None = None
 
 
 # ------------------------------------------------------------------------------------------ training
-def _load_mnist(root, split: str, fashion: bool) -> tuple[Tensor, Tensor]:
-    """uint8 images (N, 1, 28, 28) and int64 labels, via ``onestep.data.images.load_mnist``."""
-    from onestep.data.images import load_mnist
-
-    images, labels = load_mnist(root, split, fashion=fashion)
-    return torch.as_tensor(images).reshape(-1, 1, 28, 28), torch.as_tensor(labels).long()
+def _load_lenet_data(root, entry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """uint8 train and test images (N, 1, 28, 28) and int64 labels of an image-dataset entry."""
+    parts = entry.load(Path(root), image_size=28, seed=0)
+    return tuple(torch.as_tensor(p).reshape(-1, 1, 28, 28) if i % 2 == 0 else torch.as_tensor(p).long()
+                 for i, p in enumerate(parts))
 
 
 @torch.no_grad()
@@ -240,8 +267,7 @@ def train_lenet(dataset: str, root=None, out_path: str | os.PathLike | None = No
         from onestep.data.datamodule import resolve_data_root
 
         root = resolve_data_root(None)
-    x_train, y_train = _load_mnist(root, "train", LENET_DATASETS[dataset])
-    x_test, y_test = _load_mnist(root, "test", LENET_DATASETS[dataset])
+    x_train, y_train, x_test, y_test = _load_lenet_data(root, LENET_DATASETS[dataset])
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()

@@ -3,13 +3,19 @@
 ``build_backbone(spec, in_shape, out_shape=None, time_conditioned=True)`` returns a module with
 ``forward(x, t=None)`` mapping ``(B, *in_shape) -> (B, *out_shape)``.  The module also carries the
 attributes ``in_shape``, ``out_shape``, ``time_conditioned`` and ``backbone_name``.
+
+Backbones are a registry (:data:`BACKBONES`): a new one is one :func:`register_backbone` decorator on its
+build function, which states the class (its constructor's arguments are the spec's options), the arguments
+fixed by the shapes, the shapes it maps and how it takes time; name lookup, option checks, shape errors
+and the time-conditioning switch are shared.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -29,6 +35,8 @@ from .unet import UNet, check_unet_shape
 
 __all__ = [
     "BACKBONES",
+    "Backbone",
+    "register_backbone",
     "build_backbone",
     "MLP",
     "UNet",
@@ -49,14 +57,40 @@ __all__ = [
     "as_batch_time",
 ]
 
-# name -> (class, constructor arguments fixed by the shapes, i.e. not accepted in the spec)
-BACKBONES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
-    "mlp": (MLP, ("in_dim", "out_dim", "out_shape")),
-    "unet": (UNet, ("in_channels", "out_channels")),
-    "resnet_flow": (ResNetFlow, ("dim",)),
-    "conv_decoder": (ConvDecoder, ("latent_dim", "out_shape")),
-    "conv_encoder": (ConvEncoder, ("in_shape", "latent_dim")),
-}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered backbone.
+
+    ``cls``'s constructor arguments are the spec's options, except ``fixed`` (set from the shapes).
+    ``shapes(in_shape, out_shape)`` returns ``(problem, fix)`` for shapes it cannot map, else None.
+    ``make(in_shape, out_shape, kwargs, construct)`` builds it (``construct(cls, *args, **kw)`` turns a
+    constructor error into one line naming the options). ``time``: ``optional`` (built with ``time_dim=0``
+    when not time-conditioned), ``always`` (refuses ``time_conditioned=False``) or ``never`` (ignores time).
+    """
+
+    name: str
+    cls: type[nn.Module]
+    fixed: tuple[str, ...]
+    make: Callable[..., nn.Module]
+    shapes: Callable[[tuple, tuple], tuple[str, str] | None]
+    time: str = "optional"
+
+    def takes_time(self, time_conditioned: bool) -> bool:
+        return self.time == "always" or (self.time == "optional" and time_conditioned)
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(name: str, cls: type[nn.Module], fixed: tuple[str, ...] = (), time: str = "optional",
+                      shapes: Callable[[tuple, tuple], tuple[str, str] | None] = lambda i, o: None):
+    """Decorator registering ``make(in_shape, out_shape, kwargs, construct)`` as backbone ``name``."""
+    def register(make: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        BACKBONES[name] = Backbone(name, cls, tuple(fixed), make, shapes, time)
+        return make
+    return register
 
 
 def _as_shape(shape, what: str) -> tuple[int, ...]:
@@ -94,7 +128,7 @@ def _parse_spec(spec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> 
     key = str(name).lower().replace("-", "_")
     if key not in BACKBONES:
         raise ValueError(f"build_backbone: unknown backbone {name!r}; known backbones: {sorted(BACKBONES)}")
-    cls, fixed = BACKBONES[key]
+    cls, fixed = BACKBONES[key].cls, BACKBONES[key].fixed
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *fixed)]
     unexpected = sorted(set(kwargs) - set(accepted))
     if unexpected:
@@ -125,9 +159,6 @@ def build_backbone(spec, in_shape, out_shape=None, time_conditioned: bool = True
     out_shape = in_shape if out_shape is None else _as_shape(out_shape, "out_shape")
     name, kwargs = _parse_spec(spec, in_shape, out_shape)
 
-    def fail(problem: str, fix: str) -> ValueError:
-        return _shape_error(name, in_shape, out_shape, problem, fix)
-
     def construct(cls, *args, **kw) -> nn.Module:
         try:
             return cls(*args, **kw)
@@ -135,43 +166,66 @@ def build_backbone(spec, in_shape, out_shape=None, time_conditioned: bool = True
             raise ValueError(f"build_backbone: backbone {name!r} with options {kwargs} could not be built: {err}. "
                              "Fix the backbone options (widths and counts are positive integers)") from err
 
-    if name == "mlp":
-        if not time_conditioned:
-            if kwargs.get("time_dim", 0):
-                raise ValueError("build_backbone: backbone 'mlp' with time_conditioned=False cannot take time_dim > 0; drop time_dim")
-            kwargs["time_dim"] = 0
-        net = construct(MLP, math.prod(in_shape), math.prod(out_shape), out_shape=out_shape, **kwargs)
-    elif name == "unet":
-        if len(in_shape) != 3 or len(out_shape) != 3:
-            raise fail("the UNet needs image shapes (C, H, W)", "use {'name': 'mlp'} for vectors, or give shapes like (1, 28, 28)")
-        if in_shape[1:] != out_shape[1:]:
-            raise fail("the UNet keeps H and W", "use the same spatial size, or conv_encoder/conv_decoder")
-        if not time_conditioned:
-            if kwargs.get("time_dim", 0):
-                raise ValueError("build_backbone: backbone 'unet' with time_conditioned=False cannot take time_dim > 0; drop time_dim")
-            kwargs["time_dim"] = 0
-        check_unet_shape(in_shape[1], in_shape[2], kwargs.get("channel_mult", (1, 2, 2)), where=f"build_backbone: backbone 'unet' on {in_shape}")
-        net = construct(UNet, in_shape[0], out_shape[0], **kwargs)
-    elif name == "resnet_flow":
-        if len(in_shape) != 1 or out_shape != in_shape:
-            raise fail("the ResNet flow maps vectors (d,) to the same shape", "use {'name': 'mlp'}, or a FlowMap around a unet for images")
-        if not time_conditioned:
-            raise fail("a neural flow phi(x0, t) always takes time", "use time_conditioned=True or {'name': 'mlp'}")
-        net = construct(ResNetFlow, in_shape[0], **kwargs)
-    elif name == "conv_decoder":
-        if len(in_shape) not in (1, 3) or len(out_shape) != 3:
-            raise fail("conv_decoder maps a vector (d,) or a latent tensor (c, h, w) to an image (C, H, W)",
-                       "give in_shape=(d,) or (c, h, w) and out_shape=(C, H, W), or use {'name': 'mlp'}")
-        net = (construct(ConvDecoder, in_shape[0], out_shape, **kwargs) if len(in_shape) == 1
-               else construct(SpatialConvDecoder, in_shape, out_shape, **kwargs))
-    else:  # conv_encoder
-        if len(in_shape) != 3 or len(out_shape) not in (1, 3):
-            raise fail("conv_encoder maps an image (C, H, W) to a vector (d,) or a latent tensor (c, h, w)",
-                       "give in_shape=(C, H, W) and out_shape=(d,) or (c, h, w), or use {'name': 'mlp'}")
-        net = (construct(ConvEncoder, in_shape, out_shape[0], **kwargs) if len(out_shape) == 1
-               else construct(SpatialConvEncoder, in_shape, out_shape, **kwargs))
-
+    entry = BACKBONES[name]
+    wrong = entry.shapes(in_shape, out_shape)
+    if wrong:
+        raise _shape_error(name, in_shape, out_shape, *wrong)
+    if not time_conditioned and entry.time == "always":
+        raise _shape_error(name, in_shape, out_shape, "a neural flow phi(x0, t) always takes time",
+                           "use time_conditioned=True or {'name': 'mlp'}")
+    if not time_conditioned and entry.time == "optional":
+        if kwargs.get("time_dim", 0):
+            raise ValueError(f"build_backbone: backbone {name!r} with time_conditioned=False cannot take time_dim > 0; "
+                             "drop time_dim")
+        kwargs["time_dim"] = 0
+    net = entry.make(in_shape, out_shape, kwargs, construct)
     net.backbone_name = name
     net.in_shape, net.out_shape = in_shape, out_shape
-    net.time_conditioned = name == "resnet_flow" or (name in ("mlp", "unet") and time_conditioned)
+    net.time_conditioned = entry.takes_time(time_conditioned)
     return net
+
+
+# ---------------------------------------------------------------------------------------- the backbones
+@register_backbone("mlp", MLP, fixed=("in_dim", "out_dim", "out_shape"))
+def _mlp(in_shape, out_shape, kwargs, construct) -> nn.Module:
+    return construct(MLP, math.prod(in_shape), math.prod(out_shape), out_shape=out_shape, **kwargs)
+
+
+def _unet_shapes(in_shape, out_shape):
+    if len(in_shape) != 3 or len(out_shape) != 3:
+        return "the UNet needs image shapes (C, H, W)", "use {'name': 'mlp'} for vectors, or give shapes like (1, 28, 28)"
+    if in_shape[1:] != out_shape[1:]:
+        return "the UNet keeps H and W", "use the same spatial size, or conv_encoder/conv_decoder"
+    return None
+
+
+@register_backbone("unet", UNet, fixed=("in_channels", "out_channels"), shapes=_unet_shapes)
+def _unet(in_shape, out_shape, kwargs, construct) -> nn.Module:
+    check_unet_shape(in_shape[1], in_shape[2], kwargs.get("channel_mult", (1, 2, 2)),
+                     where=f"build_backbone: backbone 'unet' on {in_shape}")
+    return construct(UNet, in_shape[0], out_shape[0], **kwargs)
+
+
+@register_backbone("resnet_flow", ResNetFlow, fixed=("dim",), time="always", shapes=lambda i, o: None if (
+        len(i) == 1 and o == i) else ("the ResNet flow maps vectors (d,) to the same shape",
+                                      "use {'name': 'mlp'}, or a FlowMap around a unet for images"))
+def _resnet_flow(in_shape, out_shape, kwargs, construct) -> nn.Module:
+    return construct(ResNetFlow, in_shape[0], **kwargs)
+
+
+@register_backbone("conv_decoder", ConvDecoder, fixed=("latent_dim", "out_shape"), time="never",
+                   shapes=lambda i, o: None if len(i) in (1, 3) and len(o) == 3 else (
+                       "conv_decoder maps a vector (d,) or a latent tensor (c, h, w) to an image (C, H, W)",
+                       "give in_shape=(d,) or (c, h, w) and out_shape=(C, H, W), or use {'name': 'mlp'}"))
+def _conv_decoder(in_shape, out_shape, kwargs, construct) -> nn.Module:
+    return (construct(ConvDecoder, in_shape[0], out_shape, **kwargs) if len(in_shape) == 1
+            else construct(SpatialConvDecoder, in_shape, out_shape, **kwargs))
+
+
+@register_backbone("conv_encoder", ConvEncoder, fixed=("in_shape", "latent_dim"), time="never",
+                   shapes=lambda i, o: None if len(i) == 3 and len(o) in (1, 3) else (
+                       "conv_encoder maps an image (C, H, W) to a vector (d,) or a latent tensor (c, h, w)",
+                       "give in_shape=(C, H, W) and out_shape=(d,) or (c, h, w), or use {'name': 'mlp'}"))
+def _conv_encoder(in_shape, out_shape, kwargs, construct) -> nn.Module:
+    return (construct(ConvEncoder, in_shape, out_shape[0], **kwargs) if len(out_shape) == 1
+            else construct(SpatialConvEncoder, in_shape, out_shape, **kwargs))
