@@ -1,9 +1,13 @@
 r"""Multi-step flow matching: the yardstick the one-step methods are measured against.
 
-Linear path from noise ``x0 ~ N(0, I)`` at ``t = 0`` to data ``x1`` at ``t = 1``:
+Linear path from noise ``x0 ~ N(0, I)`` at ``t = 0`` to data ``x1`` at ``t = 1`` (``path="linear"``):
 
 .. math::  x_t = (1 - t)\,x_0 + t\,x_1, \qquad u_t = x_1 - x_0,
            \qquad \mathcal{L}(\theta) = \mathbb{E}_{t, (x_0, x_1) \sim \pi} \|v_\theta(x_t, t) - u_t\|^2 .
+
+``path="follmer"`` trains the Föllmer path of :mod:`onestep.paths` instead: the network outputs ``F`` with
+``v = F / alpha_t`` and the loss is taken in output units, :math:`\|F_\theta(x_t, t) - \alpha_t \dot x_t\|^2`
+(the 1/alpha^2-weighted denoiser loss of the characteristic generator's authors), for ``t < 1 - 1e-5``.
 
 With ``coupling="independent"`` this is (I-)CFM / rectified flow; with ``coupling="minibatch"`` the pairs
 come from the exact OT assignment within each batch (OT-CFM, Tong et al. 2023), solved one batch ahead on
@@ -23,6 +27,8 @@ from torch import Tensor
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.coupling import PrefetchedPairing
 from onestep.nets import build_backbone
+from onestep.paths import PATHS, make_path, time_column
+from onestep.solvers import fixed_step, solve
 
 SAMPLERS = ("euler", "heun")
 FM_COUPLINGS = ("independent", "minibatch")
@@ -40,6 +46,7 @@ class FlowMatching(PrefetchedPairing, OneStepGenerator):
         steps: int = 100,
         sigma: float = 0.0,
         prefetch_pairing: bool = True,
+        path: str = "linear",
         **base: Any,
     ) -> None:
         super().__init__(data_shape=data_shape, backbone=backbone, **base)
@@ -47,9 +54,11 @@ class FlowMatching(PrefetchedPairing, OneStepGenerator):
         _check(sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         _check(steps >= 1, f"steps must be >= 1, got {steps}")
         _check(sigma >= 0, f"sigma must be >= 0, got {sigma}")
+        _check(path in PATHS, f"path must be one of {PATHS}, got {path!r}")
         self.coupling, self.sampler, self.steps, self.sigma = coupling, sampler, steps, sigma
         self.net = build_backbone(backbone, self.data_shape)
         self.prefetch_pairing = prefetch_pairing
+        self.path = make_path(path)
 
     @property
     def nfe(self) -> int:  # type: ignore[override]
@@ -58,31 +67,23 @@ class FlowMatching(PrefetchedPairing, OneStepGenerator):
     def velocity(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The learned velocity ``v(x, t)``; ``t`` a scalar or a ``(B,)`` tensor."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(len(x))
-        return self.net(x, t)
+        return self.path.velocity_from_output(self.net(x, t), t)
 
     def loss(self, x1: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = self.minibatch_noise(x1, idx) if self.coupling == "minibatch" else torch.randn_like(x1)
-        t = torch.rand(len(x1), device=x1.device)
-        tb = t.view(-1, *([1] * (x1.dim() - 1)))
-        xt = (1 - tb) * x0 + tb * x1
+        t = torch.rand(len(x1), device=x1.device) * self.path.train_t_max()  # * 1.0 (linear) is exact
+        xt = self.path.interpolate(x0, x1, t)
         if self.sigma > 0:
             xt = xt + self.sigma * torch.randn_like(xt)
-        loss = (self.velocity(xt, t) - (x1 - x0)).square().mean()
+        # in network-output units (the velocity itself on the linear path)
+        loss = (self.net(xt, t) - self.path.output_target(x0, x1, time_column(t, x1))).square().mean()
         return loss, {"pair_cost": (x1 - x0).flatten(1).square().sum(1).mean().detach()}
 
     def integrate(self, x: Tensor, t0: float = 0.0, t1: float = 1.0, steps: int | None = None,
                   sampler: str | None = None) -> Tensor:
         """Solve ``dx/dt = v(x, t)`` from ``t0`` to ``t1`` with fixed steps (the teacher's ODE step)."""
         steps, sampler = steps or self.steps, sampler or self.sampler
-        times = torch.linspace(t0, t1, steps + 1, device=x.device)
-        for a, b in zip(times[:-1], times[1:]):
-            v = self.velocity(x, a)
-            if sampler == "heun":
-                x_euler = x + (b - a) * v
-                x = x + (b - a) * 0.5 * (v + self.velocity(x_euler, b))
-            else:
-                x = x + (b - a) * v
-        return x
+        return solve(fixed_step(sampler, self.velocity), x, torch.linspace(t0, t1, steps + 1, device=x.device))
 
     def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.integrate(self.randn(n, generator=generator))
