@@ -95,6 +95,10 @@ class AffinePath:
         """``v = kappa_t F`` (the output itself on the linear path)."""
         return out
 
+    def output_from_velocity(self, v: Tensor, t: Tensor | float) -> Tensor:
+        """``F = v / kappa_t`` (the velocity itself on the linear path)."""
+        return v
+
     def denoise_output(self, x: Tensor, out: Tensor, t: Tensor | float) -> Tensor:
         """Data prediction ``d = c_t x + alpha_t F`` from the network output ``F``."""
         t = time_column(t, x)
@@ -141,6 +145,9 @@ class FollmerPath(AffinePath):
 
     def velocity_from_output(self, out: Tensor, t: Tensor | float) -> Tensor:
         return self.kappa(time_column(t, out)) * out
+
+    def output_from_velocity(self, v: Tensor, t: Tensor | float) -> Tensor:
+        return v / self.kappa(time_column(t, v))
 
     def train_t_max(self) -> float:
         return 1.0 - 1e-5
