@@ -13,9 +13,10 @@ step is one teacher step (an Euler step for the linear path). Sampling: :math:`x
 (NFE 1), or the map chained over ``sample_steps`` grid times (NFE = ``sample_steps``).
 
 Two stages. **Teacher**: a :class:`~onestep.generators.FlowMatching` velocity, trained in stage 1 of the
-same run for ``teacher_steps`` steps (linear or Föllmer path; loss in network-output units, which for
-the Föllmer path is the authors' 1/alpha^2-weighted denoiser loss) and then frozen at its EMA weights,
-or loaded from a FlowMatching checkpoint (``teacher_ckpt``, EMA weights, linear path), or passed as an
+same run for ``teacher_steps`` steps with FlowMatching's own loss (linear or Föllmer path; in
+network-output units, which for the Föllmer path is the authors' 1/alpha^2-weighted denoiser loss) and
+then frozen at its EMA weights, or loaded from a FlowMatching checkpoint (``teacher_ckpt``, EMA weights,
+its ``path``), or passed as an
 object with ``velocity(x, t)`` through :meth:`set_teacher`. **Student** (stage 2), by ``mode``:
 
 * ``vector`` (the paper): Gaussian starts :math:`Z_0 \sim N(0, I)` are carried along the grid
