@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from onestep.data.datamodule import OneStepDataModule
 from onestep.generators.characteristic import CharacteristicGenerator
+from onestep.generators.flow_matching import FlowMatching
 from onestep.generators.lmppm import LMPPM
 from onestep.paths import PATHS, make_path
 from onestep.solvers import euler_step, exponential_step, fixed_step, heun_step, solve, trajectory
@@ -110,6 +111,37 @@ def test_exponential_integrator_follows_a_point_mass_trajectory_exactly(name):
     euler = euler_step(velocity, path.interpolate(z, mu, 0.1), 0.1, 0.4)
     exact = torch.allclose(euler, path.interpolate(z, mu, 0.4), atol=1e-10)
     assert exact == (name == "linear")  # the linear path's exponential step is its Euler step
+
+
+class PointMassOutput(torch.nn.Module):
+    """The exact network output F = v / kappa of the flow to a point mass at ``mu`` on ``path``."""
+
+    def __init__(self, path, mu: torch.Tensor) -> None:
+        super().__init__()
+        self.path, self.mu = path, mu
+
+    def forward(self, x, t):
+        tc = t.reshape(-1, 1)
+        noise = (x - self.path.beta(tc) * self.mu) / self.path.alpha(tc)
+        velocity = self.path.d_alpha(tc) * noise + self.path.d_beta(tc) * self.mu
+        return self.path.output_from_velocity(velocity, t)
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_flow_matching_exp_sampler_lands_on_a_point_mass_and_heun_is_refused_on_the_follmer_path(name):
+    fm = FlowMatching(data_shape=(2,), path=name, sampler="exp", steps=4)
+    mu = torch.tensor([1.5, -2.0])
+    fm.net = PointMassOutput(fm.path, mu)
+    with torch.no_grad():
+        assert torch.allclose(fm.integrate(torch.randn(5, 2)), mu.expand(5, 2), atol=1e-5)
+        if name == "linear":  # there the exponential step is the Euler step, bit for bit
+            z = torch.randn(5, 2)
+            assert torch.equal(fm.integrate(z, sampler="euler"), fm.integrate(z))
+    if name == "follmer":
+        with pytest.raises(ValueError, match="singular"):
+            FlowMatching(data_shape=(2,), path=name, sampler="heun")
+        with pytest.raises(ValueError, match="singular"):
+            fm.integrate(torch.randn(5, 2), sampler="heun")
 
 
 # ---------------------------------------------------------------------------------------------- staged base

@@ -12,12 +12,16 @@ Linear path from noise ``x0 ~ N(0, I)`` at ``t = 0`` to data ``x1`` at ``t = 1``
 With ``coupling="independent"`` this is (I-)CFM / rectified flow; with ``coupling="minibatch"`` the pairs
 come from the exact OT assignment within each batch (OT-CFM, Tong et al. 2023), solved one batch ahead on
 a background thread unless ``prefetch_pairing=False`` (see :class:`~onestep.generators.coupling.PairingPipeline`). Sampling integrates
-``dx/dt = v(x, t)`` from 0 to 1 with ``steps`` Euler (NFE = steps) or Heun (NFE = 2 * steps) steps.
+``dx/dt = v(x, t)`` from 0 to 1 with ``steps`` Euler (NFE = steps), Heun (NFE = 2 * steps) or
+exponential-integrator steps (``exp``, NFE = steps; :mod:`onestep.solvers`: the Euler step on the linear
+path, and on the Föllmer path the step that lands on the data prediction at ``t = 1``, where the velocity
+is singular; Heun, which evaluates it there, is refused on that path).
 The module also serves as the characteristic generator's teacher through :meth:`velocity`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,14 +32,14 @@ from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.coupling import PrefetchedPairing
 from onestep.nets import build_backbone
 from onestep.paths import PATHS, make_path, time_column
-from onestep.solvers import fixed_step, solve
+from onestep.solvers import exponential_step, fixed_step, solve
 
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "exp")
 FM_COUPLINGS = ("independent", "minibatch")
 
 
 class FlowMatching(PrefetchedPairing, OneStepGenerator):
-    """Conditional flow matching with an Euler or Heun sampler at ``steps`` steps."""
+    """Conditional flow matching with an Euler, Heun or exponential-integrator sampler at ``steps`` steps."""
 
     def __init__(
         self,
@@ -55,6 +59,8 @@ class FlowMatching(PrefetchedPairing, OneStepGenerator):
         _check(steps >= 1, f"steps must be >= 1, got {steps}")
         _check(sigma >= 0, f"sigma must be >= 0, got {sigma}")
         _check(path in PATHS, f"path must be one of {PATHS}, got {path!r}")
+        _check(not (path == "follmer" and sampler == "heun"), "sampler='heun' evaluates the velocity at t = 1, "
+               "where the Föllmer path's velocity is singular: use sampler='exp' (or 'euler') with path='follmer'")
         self.coupling, self.sampler, self.steps, self.sigma = coupling, sampler, steps, sigma
         self.net = build_backbone(backbone, self.data_shape)
         self.prefetch_pairing = prefetch_pairing
@@ -86,7 +92,13 @@ class FlowMatching(PrefetchedPairing, OneStepGenerator):
                   sampler: str | None = None) -> Tensor:
         """Solve ``dx/dt = v(x, t)`` from ``t0`` to ``t1`` with fixed steps (the teacher's ODE step)."""
         steps, sampler = steps or self.steps, sampler or self.sampler
-        return solve(fixed_step(sampler, self.velocity), x, torch.linspace(t0, t1, steps + 1, device=x.device))
+        if sampler == "exp":
+            step = functools.partial(exponential_step, self.path, self.velocity)
+        else:
+            _check(not (self.path.name == "follmer" and sampler == "heun" and t1 >= 1.0),
+                   "Heun's last stage evaluates the Föllmer velocity at t = 1, where it is singular: use sampler='exp'")
+            step = fixed_step(sampler, self.velocity)
+        return solve(step, x, torch.linspace(t0, t1, steps + 1, device=x.device))
 
     def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.integrate(self.randn(n, generator=generator))
