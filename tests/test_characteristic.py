@@ -14,10 +14,11 @@ from torch import nn
 from onestep.generators.characteristic import CharacteristicGenerator
 from onestep.generators.characteristic_image import draw_teacher_steps
 from onestep.generators.characteristic_vector import long_jump_pairs, vector_loss
-from onestep.generators.characteristic_teacher import make_interpolant, stage_schedule
+from onestep.generators.staged import stage_schedule
 from onestep.generators.flow_matching import FlowMatching
 from onestep.generators.otnfm import OTNFM
 from onestep.metrics.wasserstein import wasserstein2
+from onestep.paths import make_path as make_interpolant
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -123,7 +124,7 @@ def test_student_initialised_from_follmer_teacher_makes_exponential_integrator_s
     with torch.no_grad():
         for p in gen.teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        gen.student.init_from(gen.teacher.net.inner)
+        gen.student.init_from(gen.teacher.net)
         x, s, t = torch.randn(4, *shape), torch.rand(4) * 0.5, 0.5 + torch.rand(4) * 0.49
         col = [-1] + [1] * len(shape)
         sc, tc = s.view(col), t.view(col)
@@ -543,7 +544,7 @@ def test_target_time_in_every_block_starts_at_the_teacher_and_learns():
     assert len(student.t_films) == len(blocks) > 2
     x, s = torch.randn(4, *shape), torch.rand(4) * 0.9
     with torch.no_grad():  # initialised from the teacher: exactly the teacher, whatever the target time
-        assert torch.equal(student(x, s, torch.rand(4)), teacher.net.inner(x, s))
+        assert torch.equal(student(x, s, torch.rand(4)), teacher.net(x, s))
     loss, _ = gen.loss(torch.randn(6, *shape), None)
     loss.backward()
     assert all(f[-1].weight.grad.abs().sum() > 0 for f in student.t_films)  # every block's t layer learns

@@ -13,9 +13,10 @@ step is one teacher step (an Euler step for the linear path). Sampling: :math:`x
 (NFE 1), or the map chained over ``sample_steps`` grid times (NFE = ``sample_steps``).
 
 Two stages. **Teacher**: a :class:`~onestep.generators.FlowMatching` velocity, trained in stage 1 of the
-same run for ``teacher_steps`` steps (linear or Föllmer path; loss in network-output units, which for
-the Föllmer path is the authors' 1/alpha^2-weighted denoiser loss) and then frozen at its EMA weights,
-or loaded from a FlowMatching checkpoint (``teacher_ckpt``, EMA weights, linear path), or passed as an
+same run for ``teacher_steps`` steps with FlowMatching's own loss (linear or Föllmer path; in
+network-output units, which for the Föllmer path is the authors' 1/alpha^2-weighted denoiser loss) and
+then frozen at its EMA weights, or loaded from a FlowMatching checkpoint (``teacher_ckpt``, EMA weights,
+its ``path``), or passed as an
 object with ``velocity(x, t)`` through :meth:`set_teacher`. **Student** (stage 2), by ``mode``:
 
 * ``vector`` (the paper): Gaussian starts :math:`Z_0 \sim N(0, I)` are carried along the grid
@@ -29,10 +30,11 @@ object with ``velocity(x, t)`` through :meth:`set_teacher`. **Student** (stage 2
   :mod:`onestep.generators.characteristic_vector`;
 * ``image`` (the authors' code): see :mod:`onestep.generators.characteristic_image`.
 
-Resuming: the stage is saved in the checkpoint; stage 2 starts at the first batch with
-``global_step >= teacher_steps`` (teacher := its EMA, frozen; student := teacher copy; EMA restarted).
-Each stage leaves the other network without gradients, so under DDP ``onestep fit`` switches on DDP's
-unused-parameter search (``trains_in_stages``).
+Stages (:mod:`onestep.generators.staged`): stage 2 starts at the first batch with
+``global_step >= teacher_steps`` (teacher := its EMA, frozen; student := teacher copy; EMA restarted); the
+stage is saved in the checkpoint. Each stage leaves the other network without gradients, so under DDP
+``onestep fit`` switches on DDP's unused-parameter search (``trains_in_stages``). Teacher steps, teacher
+trajectories and multi-step sampling run on :mod:`onestep.solvers`.
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from onestep import solvers
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.characteristic_image import image_loss, make_distance
 from onestep.generators.characteristic_teacher import (
-    INTERPOLANTS, SOLVERS, ScaledVelocityNet, TwoTimeNet, freeze, load_teacher_checkpoint, make_interpolant,
-    make_teacher, stage_schedule, teacher_output_net, time_column,
+    INTERPOLANTS, SOLVERS, TwoTimeNet, freeze, load_teacher_checkpoint, make_teacher, rename_legacy_teacher_keys,
+    teacher_output_net, teacher_path_name,
 )
 from onestep.generators.characteristic_vector import PAIR_SAMPLINGS, vector_loss
 from onestep.options import AtLeastOne, Fraction, NonNegative, Positive, Range
+from onestep.generators.staged import StagedTraining, stage_schedule
+from onestep.paths import make_path
 
 MODES = ("auto", "vector", "image")
 DISTANCES = ("l2", "lpips")
@@ -60,7 +65,7 @@ OPTIMIZERS = ("adamw", "radam")
 TARGET_TIME_INPUTS = ("input", "blocks")
 
 
-class CharacteristicGenerator(OneStepGenerator):
+class CharacteristicGenerator(StagedTraining, OneStepGenerator):
     """One-step (or few-step) characteristic map distilled from a flow-matching teacher.
 
     Args (besides the base optimiser/EMA options, which apply to the student):
@@ -91,8 +96,6 @@ class CharacteristicGenerator(OneStepGenerator):
         sample_steps: maps per sample (the NFE).
         t_features: sinusoidal features of the target time fed to the student.
     """
-
-    trains_in_stages = True
 
     def __init__(
         self,
@@ -153,11 +156,11 @@ class CharacteristicGenerator(OneStepGenerator):
             teacher = load_teacher_checkpoint(teacher_ckpt, self.data_shape)
         elif teacher_steps > 0:
             teacher = make_teacher(self.data_shape, teacher_backbone if teacher_backbone is not None else backbone,
-                                   make_interpolant(interpolant or "linear"), steps=grid_size)
+                                   interpolant or "linear", steps=grid_size)
         student_spec = backbone if backbone is not None or teacher is None else teacher.backbone_spec
         self.student = TwoTimeNet(student_spec, self.data_shape, t_features, target_time_input)
         self.teacher: Any = None
-        self._student_stage = teacher_steps == 0
+        self.register_stage(1 if teacher_steps > 0 else 2)  # 1: train the teacher, 2: distil the student
         self._use_interpolant(interpolant or "linear")
         if teacher_ckpt:
             self.set_teacher(teacher)
@@ -188,7 +191,7 @@ class CharacteristicGenerator(OneStepGenerator):
                f"with the teacher, which was trained on the {name!r} path; set interpolant to {name!r} or null")
         _check(name == "linear" or self.t_max < 1, f"the {name} velocity is singular at t = 1: set t_max < 1 "
                f"(got {self.t_max})")
-        self.interpolant = make_interpolant(name)
+        self.interpolant = make_path(name)
         self.teacher_interpolant = name
         self._record("interpolant", name)
 
@@ -203,9 +206,7 @@ class CharacteristicGenerator(OneStepGenerator):
         _check(self.teacher_steps == 0, f"set_teacher conflicts with teacher_steps={self.teacher_steps} "
                "(this run trains its own teacher in stage 1)")
         _check(callable(getattr(teacher, "velocity", None)), "the teacher needs a method velocity(x, t)")
-        net = getattr(teacher, "net", None)
-        name = net.interpolant.name if isinstance(net, ScaledVelocityNet) else getattr(teacher, "interpolant", "linear")
-        self._use_interpolant(name)
+        self._use_interpolant(teacher_path_name(teacher))
         if isinstance(teacher, nn.Module):
             freeze(teacher)
             teacher.eval()
@@ -215,33 +216,43 @@ class CharacteristicGenerator(OneStepGenerator):
                    f"(got {type(teacher).__name__}); set init_student_from_teacher=False")
             self.student.init_from(output_net)
         self.teacher = teacher
-        self._student_stage = True
+        self.stage.fill_(2)
 
     def setup(self, stage: str) -> None:
         if self.teacher is None:
             raise ValueError("CharacteristicGenerator has no teacher: set teacher_steps > 0 (train it in stage 1), "
                              "teacher_ckpt (a FlowMatching checkpoint) or call set_teacher() before training")
 
+    # ------------------------------------------------------------------ stages (onestep.generators.staged)
     @property
-    def _stage_start(self) -> int:
-        return self.teacher_steps if self.teacher_steps > 0 else 0
+    def student_stage(self) -> bool:
+        return int(self.stage) == 2
 
-    def _start_student_stage(self) -> None:
-        """Stage 1 -> 2: the teacher becomes its EMA and is frozen, the student starts, the EMA restarts."""
-        ema = self._ensure_ema()
-        with torch.no_grad():
-            for name, p in self.teacher.named_parameters():
-                p.copy_(ema[f"teacher.{name}"])
-        freeze(self.teacher)
-        self.teacher.eval()
+    def stage_starts(self) -> list[int]:
+        return [self.teacher_steps]
+
+    def stage_ema_decay(self, stage: int) -> float:
+        return self.teacher_ema_decay if stage == 1 else self.ema_decay
+
+    def begin_stage(self, stage: int) -> None:
+        """Stage 1 -> 2: the teacher becomes its EMA and is frozen, the student starts (the EMA then restarts)."""
+        self.load_ema_into("teacher.")
+        self.restore_stage(stage)
         if self.init_student_from_teacher:
             self.student.init_from(teacher_output_net(self.teacher))
-        self._student_stage = True
-        self.reset_ema()
+
+    def restore_stage(self, stage: int) -> None:
+        freeze(self.teacher)
+        self.teacher.eval()
+
+    def _start_student_stage(self) -> None:
+        """Switch to the student stage now (what the first batch at ``teacher_steps`` does)."""
+        self.enter_stage(2)
 
     def train(self, mode: bool = True) -> CharacteristicGenerator:
         super().train(mode)
-        if getattr(self, "_student_stage", False) and isinstance(getattr(self, "teacher", None), nn.Module):
+        stage = getattr(self, "stage", None)
+        if stage is not None and int(stage) == 2 and isinstance(getattr(self, "teacher", None), nn.Module):
             self.teacher.eval()  # a frozen teacher never runs dropout
         return self
 
@@ -258,22 +269,21 @@ class CharacteristicGenerator(OneStepGenerator):
     def _map_with(self, out: Tensor, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
         return self.interpolant.exp_step(x, self.interpolant.denoise_output(x, out, s), s, t)
 
+    def teacher_velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """The teacher's ``v(x, t)``, asked with one time per sample."""
+        return self.teacher.velocity(x, t.expand(len(x)))
+
     def teacher_step(self, x: Tensor, s: Tensor | float, t: Tensor | float, exact: bool = False) -> Tensor:
         """One teacher step ``s -> t``: ``solver`` (Euler or exponential integrator); ``exact`` forces the
         exponential integrator, which lands on the data prediction at ``t = 1``."""
-        v = self.teacher.velocity(x, torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(len(x)))
         if self.solver == "euler" and not exact:
-            t, s = (torch.as_tensor(u, dtype=x.dtype, device=x.device) for u in (t, s))
-            return x + time_column(t - s, x) * v
-        return self.interpolant.exp_step(x, self.interpolant.denoise_velocity(x, v, s), s, t)
+            return solvers.euler_step(self.teacher_velocity, x, s, t)
+        return solvers.exponential_step(self.interpolant, self.teacher_velocity, x, s, t)
 
     @torch.no_grad()
     def teacher_trajectory(self, z: Tensor, times: Sequence[float]) -> list[Tensor]:
         """Discrete characteristics: the teacher's states at every time of ``times``, starting from ``z``."""
-        states = [z]
-        for s, t in zip(times[:-1], times[1:]):
-            states.append(self.teacher_step(states[-1], s, t, exact=t >= 1.0))
-        return states
+        return solvers.trajectory(lambda x, s, t: self.teacher_step(x, s, t, exact=t >= 1.0), z, times)
 
     def grid_times(self, include_end: bool = True) -> Tensor:
         """The grid on ``[t_min, t_max]`` (``grid_spacing``), then ``1`` when ``include_end`` and ``t_max < 1``."""
@@ -307,32 +317,19 @@ class CharacteristicGenerator(OneStepGenerator):
 
     # ------------------------------------------------------------------ losses
     def loss(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        if not self._student_stage:
-            loss, logs = self._teacher_loss(x)
+        if not self.student_stage:  # the teacher's own flow-matching loss (independent coupling, its path)
+            loss, _ = self.teacher.loss(x, None)
+            logs = {"teacher_loss": loss.detach()}
         elif self.mode == "image":
             loss, logs = image_loss(self, x)
         else:
             loss, logs = vector_loss(self, x)
-        logs["stage"] = torch.tensor(2.0 if self._student_stage else 1.0, device=x.device)
+        logs["stage"] = torch.tensor(2.0 if self.student_stage else 1.0, device=x.device)
         return loss, logs
-
-    def _teacher_loss(self, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Velocity matching in network-output units: ``E |v(x_t, t) / kappa - target(z, x1, t)|^2``."""
-        path = self.interpolant
-        z = torch.randn_like(x1)
-        t = torch.rand(len(x1), device=x1.device) * path.train_t_max()
-        tc = time_column(t, x1)
-        out = self.teacher.velocity(path.interpolate(z, x1, t), t) / path.kappa(tc)
-        loss = (out - path.output_target(z, x1, tc)).square().mean()
-        return loss, {"teacher_loss": loss.detach()}
 
     # ------------------------------------------------------------------ sampling
     def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        times = self.sample_times(self.sample_steps)
-        x = self.randn(n, generator=generator)
-        for s, t in zip(times[:-1], times[1:]):
-            x = self.map(x, s, t)
-        return x
+        return solvers.solve(self.map, self.randn(n, generator=generator), self.sample_times(self.sample_steps))
 
     @torch.no_grad()
     def sample_teacher(self, n: int, nfe: int, generator: torch.Generator | None = None) -> Tensor:
@@ -342,22 +339,10 @@ class CharacteristicGenerator(OneStepGenerator):
         return self.teacher_trajectory(self.randn(n, generator=generator), times)[-1]
 
     # ------------------------------------------------------------------ training plumbing
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if not self._student_stage and self.global_step >= self.teacher_steps:
-            self._start_student_stage()
-
-    def ema_decay_at(self, step: int) -> float:
-        """The base's EMA warm-up, counted from the start of the current stage."""
-        if self._student_stage:
-            limit, local = self.ema_decay, step - self._stage_start
-        else:
-            limit, local = self.teacher_ema_decay, step
-        return min(limit, (1 + local) / (10 + local))
-
     def configure_optimizers(self) -> Any:
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         groups = [{"params": list(self.student.parameters()), "lr": self.lr}]
-        stages = [(self._stage_start, total, self.warmup_steps)]
+        stages = [(self.stage_start(2), total, self.warmup_steps)]
         if self.teacher_steps > 0:
             groups.append({"params": list(self.teacher.parameters()), "lr": self.teacher_lr})
             stages.append((0, self.teacher_steps, self.teacher_warmup_steps))
@@ -372,12 +357,14 @@ class CharacteristicGenerator(OneStepGenerator):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["characteristic_stage"] = 2 if self._student_stage else 1
+        checkpoint["characteristic_stage"] = int(self.stage)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints from before the shared stage buffer and paths: the stage was only the key below, and
+        # a Föllmer teacher's weights sat in a wrapper (teacher.net.inner.*)
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            state.setdefault("stage", torch.tensor(int(checkpoint.get("characteristic_stage", int(self.stage)))))
+            rename_legacy_teacher_keys(state)
+        rename_legacy_teacher_keys(checkpoint.get("ema", {}))
         super().on_load_checkpoint(checkpoint)
-        if checkpoint.get("characteristic_stage") == 2 and not self._student_stage:
-            # the state dict already holds the frozen teacher and the student: only the flags change
-            freeze(self.teacher)
-            self.teacher.eval()
-            self._student_stage = True

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onestep.generators.characteristic_teacher import last_weight
-
-if TYPE_CHECKING:
-    from onestep.generators.characteristic import CharacteristicGenerator
+from onestep.generators.characteristic_teacher import CharacteristicModel, last_weight
+from onestep.solvers import solve
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 
@@ -105,7 +102,7 @@ def adaptive_weight(main: Tensor, other: Tensor, weight: nn.Parameter) -> Tensor
     return (grads[0] / (grads[1] + 1e-4)).clamp(0.0, 1e4).detach()
 
 
-def image_loss(gen: CharacteristicGenerator, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def image_loss(gen: CharacteristicModel, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of the module docstring for one batch ``x1`` of normalised data."""
     path, grid = gen.interpolant, gen.grid_times(include_end=False).to(x1)
     n_grid, batch = len(grid), len(x1)
@@ -127,9 +124,7 @@ def image_loss(gen: CharacteristicGenerator, x1: Tensor) -> tuple[Tensor, dict[s
     x_t = path.interpolate(torch.randn_like(x1), x1, t)
     x_hat = gen.map_ema(gen.map(x_t, t, s), s, torch.ones_like(s))
     with torch.no_grad():
-        x_u = x_t
-        for step in range(n):
-            x_u = gen.teacher_step(x_u, grid[i + step], grid[i + step + 1])
+        x_u = solve(gen.teacher_step, x_t, [grid[i + step] for step in range(n + 1)])  # n teacher steps
         x_tilde = gen.map_ema(gen.map(x_u, u, s), s, torch.ones_like(s))
     traj = gen.distance(x_hat, x_tilde)
 

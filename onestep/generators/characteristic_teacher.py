@@ -1,37 +1,19 @@
-r"""Interpolants, teacher steps and the two-time student network of the characteristic generator.
+r"""Teacher pieces and the two-time student network of the characteristic generator.
 
-Time runs as in the paper: ``t = 0`` is the Gaussian, ``t = 1`` the data. An interpolant is
-
-.. math::  x_t = \alpha_t z + \beta_t x_1, \qquad z \sim N(0, I),
-
-* ``linear``:  :math:`\alpha_t = 1 - t,\ \beta_t = t` (rectified flow; what ``FlowMatching`` trains);
-* ``follmer``: :math:`\alpha_t = \sqrt{1 - t^2},\ \beta_t = t` (Föllmer flow, variance preserving; the
-  authors' image code).
-
-Every network here outputs ``F`` in *velocity units*: the velocity is :math:`v = \kappa_t F` with
-:math:`\kappa = 1` (linear) or :math:`\kappa = 1/\alpha_t` (Föllmer, which keeps ``F`` bounded while
-:math:`v` blows up at ``t = 1``). The data prediction (denoiser) :math:`d = E[x_1 | x_t]` follows from
-:math:`x_1 = x_t + \ldots` exactly as
-
-.. math::  d = c_t\,x + \alpha_t F, \qquad c_t = 1 \text{ (linear)},\ c_t = t \text{ (Föllmer)},
-
-(for the linear path :math:`d = x + (1 - t)v` holds for any coupling, since
-:math:`x_1 = x_t + (1 - t)(x_1 - x_0)` pointwise). A first-order exponential-integrator (DDIM) step from
-``s`` to ``t`` with data prediction ``d`` is
-
-.. math::  x_t = r\,x_s + (\beta_t - r\beta_s)\,d, \qquad r = \alpha_t / \alpha_s ,
-
-which for the linear path equals the Euler step :math:`x_s + (t - s)v`. The characteristic map uses the
-same formula with a learned ``d`` (see :mod:`onestep.generators.characteristic`).
+Time runs as in the paper: ``t = 0`` is the Gaussian, ``t = 1`` the data. The teacher is a
+:class:`~onestep.generators.FlowMatching` model on a path of :mod:`onestep.paths` (``linear`` or
+``follmer``; the interpolant of the paper), whose network outputs ``F`` in velocity units
+(:math:`v = \kappa_t F`); the student's map uses the same path's data prediction
+:math:`d = c_t x + \alpha_t F` and exponential-integrator step (see :mod:`onestep.paths`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -39,122 +21,34 @@ from torch import Tensor, nn
 from onestep.generators.flow_matching import FlowMatching
 from onestep.nets import SinusoidalTimeEmbedding, as_batch_time, build_backbone
 from onestep.nets.unet import ResBlock
+from onestep.paths import PATHS, AffinePath
 
-INTERPOLANTS = ("linear", "follmer")
+INTERPOLANTS = PATHS
 SOLVERS = ("euler", "exp")
-
-
-def time_column(t: Tensor | float, x: Tensor) -> Tensor:
-    """Time as a tensor broadcastable against ``x`` (a scalar stays 0-d, ``(B,)`` becomes ``(B, 1, ...)``)."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    return t.view(-1, *([1] * (x.dim() - 1))) if t.dim() > 0 else t
-
-
-class Interpolant:
-    """``x_t = alpha(t) z + beta(t) x1`` with the velocity-unit conventions of the module docstring."""
-
-    name = "linear"
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return 1.0 - t
-
-    def beta(self, t: Tensor) -> Tensor:
-        return t
-
-    def c_skip(self, t: Tensor) -> Tensor:
-        return torch.ones_like(t)
-
-    def kappa(self, t: Tensor) -> Tensor:
-        """Velocity per unit of network output: ``v = kappa(t) * F``."""
-        return torch.ones_like(t)
-
-    def output_target(self, z: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-        """Regression target of ``F`` at ``x_t``: the conditional velocity ``alpha' z + beta' x1`` over kappa."""
-        return x1 - z
-
-    def train_t_max(self) -> float:
-        return 1.0
-
-    # ---------------------------------------------------------------- derived formulas
-    def interpolate(self, z: Tensor, x1: Tensor, t: Tensor | float) -> Tensor:
-        t = time_column(t, x1)
-        return self.alpha(t) * z + self.beta(t) * x1
-
-    def denoise_output(self, x: Tensor, out: Tensor, t: Tensor | float) -> Tensor:
-        """Data prediction ``d = c(t) x + alpha(t) F`` from the network output ``F``."""
-        t = time_column(t, x)
-        return self.c_skip(t) * x + self.alpha(t) * out
-
-    def denoise_velocity(self, x: Tensor, v: Tensor, t: Tensor | float) -> Tensor:
-        """Data prediction from a velocity (``F = v / kappa``)."""
-        t = time_column(t, x)
-        return self.c_skip(t) * x + (self.alpha(t) / self.kappa(t)) * v
-
-    def exp_step(self, x: Tensor, d: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
-        """Exponential-integrator step ``s -> t`` with data prediction ``d``; exactly ``x`` when ``s == t``."""
-        s, t = time_column(s, x), time_column(t, x)
-        # r = alpha_t / alpha_s is exactly 1.0 for s == t, so the data coefficient beta_t - r beta_s is
-        # exactly 0 and the step returns x bit for bit (the identity g(t, t, x) = x is hard-wired)
-        r = self.alpha(t) / self.alpha(s)
-        return r * x + (self.beta(t) - r * self.beta(s)) * d
-
-
-class FollmerInterpolant(Interpolant):
-    """Föllmer flow ``x_t = sqrt(1 - t^2) z + t x1``."""
-
-    name = "follmer"
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return (1.0 - t * t).clamp_min(0.0).sqrt()
-
-    def c_skip(self, t: Tensor) -> Tensor:
-        return t
-
-    def kappa(self, t: Tensor) -> Tensor:
-        # t is clamped below 1 so that a stray evaluation at t = 1 stays finite (v is singular there)
-        return 1.0 / self.alpha(t.clamp_max(1.0 - 1e-6))
-
-    def output_target(self, z: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-        # (alpha' z + x1) * alpha = -t z + alpha x1: bounded, unlike the velocity itself
-        return self.alpha(t) * x1 - t * z
-
-    def train_t_max(self) -> float:
-        return 1.0 - 1e-5
-
-
-def make_interpolant(name: str) -> Interpolant:
-    if name == "linear":
-        return Interpolant()
-    if name == "follmer":
-        return FollmerInterpolant()
-    raise ValueError(f"interpolant must be one of {INTERPOLANTS}, got {name!r}")
-
-
-class ScaledVelocityNet(nn.Module):
-    """Wraps a backbone ``F(x, t)`` so that ``forward`` returns the velocity ``kappa(t) * F`` (Föllmer teacher)."""
-
-    def __init__(self, inner: nn.Module, interpolant: Interpolant) -> None:
-        super().__init__()
-        self.inner, self.interpolant = inner, interpolant
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.interpolant.kappa(time_column(t, x)) * self.inner(x, t)
 
 
 def teacher_output_net(teacher: Any) -> nn.Module | None:
     """The backbone whose output is ``F`` (velocity units) of a FlowMatching teacher, else ``None``."""
-    net = getattr(teacher, "net", None) if isinstance(teacher, FlowMatching) else None
-    return net.inner if isinstance(net, ScaledVelocityNet) else net
+    return teacher.net if isinstance(teacher, FlowMatching) else None
 
 
-def make_teacher(data_shape: Sequence[int], backbone: Mapping[str, Any] | None, interpolant: Interpolant,
+def teacher_path_name(teacher: Any) -> str:
+    """The path a teacher was trained on: a FlowMatching's ``path``, else its ``interpolant`` (default linear)."""
+    return teacher.path.name if isinstance(teacher, FlowMatching) else getattr(teacher, "interpolant", "linear")
+
+
+def make_teacher(data_shape: Sequence[int], backbone: Mapping[str, Any] | None, path: str,
                  steps: int) -> FlowMatching:
-    """A fresh FlowMatching teacher (independent coupling: the paper's velocity matching)."""
-    teacher = FlowMatching(data_shape=data_shape, backbone=backbone, coupling="independent", sampler="euler",
-                           steps=steps)
-    if interpolant.name != "linear":
-        teacher.net = ScaledVelocityNet(teacher.net, interpolant)
-    return teacher
+    """A fresh FlowMatching teacher on ``path`` (independent coupling: the paper's velocity matching)."""
+    return FlowMatching(data_shape=data_shape, backbone=backbone, coupling="independent", sampler="euler",
+                        steps=steps, path=path)
+
+
+def rename_legacy_teacher_keys(weights: dict[str, Any]) -> None:
+    """Checkpoints written before the Föllmer teacher's network became the FlowMatching net itself kept
+    it inside a wrapper (``teacher.net.inner.*``); rename those keys in place to ``teacher.net.*``."""
+    for key in [k for k in weights if k.startswith("teacher.net.inner.")]:
+        weights["teacher.net." + key[len("teacher.net.inner."):]] = weights.pop(key)
 
 
 def load_teacher_checkpoint(path: str, data_shape: Sequence[int]) -> FlowMatching:
@@ -328,24 +222,36 @@ class TwoTimeNet(nn.Module):
         self._zero_target_weights()
 
 
-def stage_schedule(start: int, end: int | None, warmup: int, cosine: bool):
-    """Learning-rate factor of a network that trains only in steps ``[start, end)``: linear warm-up over
-    ``warmup`` steps from the stage start, then constant or cosine decay to 0 at ``end``; 0 outside."""
-    def factor(step: int) -> float:
-        if step < start or (end is not None and step >= end):
-            return 0.0
-        local = step - start
-        warm = min(1.0, (local + 1) / warmup) if warmup > 0 else 1.0
-        if cosine and end:
-            progress = min(1.0, max(0.0, (local - warmup) / max(1, end - start - warmup)))
-            return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return warm
-    return factor
-
-
 def last_weight(module: nn.Module) -> nn.Parameter:
     """The last registered weight matrix or kernel: the output layer, where the adaptive weight is measured."""
     weights = [p for p in module.parameters() if p.dim() >= 2]
     if not weights:
         raise ValueError("the student network has no weight matrix for the adaptive loss weight")
     return weights[-1]
+
+
+class CharacteristicModel(Protocol):
+    """What the mode losses (:mod:`~onestep.generators.characteristic_vector`,
+    :mod:`~onestep.generators.characteristic_image`) use of the characteristic generator; typed here so
+    that they need not import it (it imports them)."""
+
+    interpolant: AffinePath
+    student: TwoTimeNet
+    t_max: float
+    trajectory_batch: int | None
+    pairs_per_trajectory: int
+    pair_sampling: str
+    semigroup_weight: float
+    dsm_weight: float
+    adaptive_weight: bool
+    distance: Callable[[Tensor, Tensor], Tensor]
+
+    def grid_times(self, include_end: bool = True) -> Tensor: ...
+
+    def map(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor: ...
+
+    def map_ema(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor: ...
+
+    def teacher_step(self, x: Tensor, s: Tensor | float, t: Tensor | float, exact: bool = False) -> Tensor: ...
+
+    def teacher_trajectory(self, z: Tensor, times: Sequence[float]) -> list[Tensor]: ...

@@ -29,13 +29,11 @@ changes the estimator: fewer trajectories, more pairs on each.)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from onestep.generators.characteristic import CharacteristicGenerator
+from onestep.generators.characteristic_teacher import CharacteristicModel
+
 
 PAIR_SAMPLINGS = ("uniform", "long")
 
@@ -60,7 +58,7 @@ def draw_pairs(scheme: str, rows: int, n_times: int, device: torch.device) -> li
     return ordered_subsets(rows, n_times, 2, device)
 
 
-def vector_loss(gen: CharacteristicGenerator, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def vector_loss(gen: CharacteristicModel, x1: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of the module docstring for one batch (only its size, dtype and device are used)."""
     times = gen.grid_times().to(x1)
     n_times, device = len(times), x1.device

@@ -32,7 +32,8 @@ restoration: :math:`z_0 = F(\tilde x)`, the same flow with ``restore_steps`` (co
 kernel steps only; ``dae`` = the autoencoder projection: restore :math:`G(F(\tilde x))`, generate by
 :math:`z \leftarrow F(G(z))` ``K`` times.
 
-**Training, two stages inside the module** (switch at ``ae_steps``, or ``ae_fraction * max_steps``):
+**Training, two stages inside the module** (switch at ``ae_steps``, or ``ae_fraction * max_steps``;
+:mod:`onestep.generators.staged`):
 
 1. autoencoder: :math:`\lambda_{rec}\|G(F(x)) - x\|^2 + \lambda_{proj}\|G(F(x + \sigma\epsilon)) - x\|^2`
    (a denoising AE, so :math:`G \circ F` projects off-manifold inputs), :math:`\sigma \sim U(\sigma_{min}, \sigma_{max})`
@@ -78,6 +79,7 @@ from torch import Tensor, nn
 
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.latent_bank import KernelBankMixin
+from onestep.generators.staged import StagedTraining
 from onestep.generators.latent_flow import (  # noqa: F401 - kernel_mean and projection_step are re-exported
     annealed_bandwidths,
     kernel_mean,
@@ -97,7 +99,7 @@ CONSISTENCY_TARGETS = ("clean", "reencoded")
 
 
 # ---------------------------------------------------------------------------------------- the module
-class LMPPM(KernelBankMixin, OneStepGenerator):
+class LMPPM(StagedTraining, KernelBankMixin, OneStepGenerator):
     """Latent MPPM (variant B) with the kernel-only flow and the DAE projection as ablation modes.
 
     Args:
@@ -122,8 +124,6 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
         sigma_min, sigma_max: DAE noise in data units; latent_sigma_min/max: D's noise in code-std units.
         lambda_*: loss weights (``lambda_prob = 0`` switches the probabilistic alignment off).
     """
-
-    trains_in_stages = True
 
     def __init__(
         self, data_shape: Sequence[int] = (2,), backbone: Mapping[str, Any] | None = None,
@@ -184,7 +184,7 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
         self.register_buffer("bank_mean", torch.zeros(latent_dim))
         self.register_buffer("bank_std", torch.ones(latent_dim))
         self.register_buffer("bank_step", torch.tensor(-1))  # global step at which the bank was built
-        self.register_buffer("stage", torch.tensor(1))       # 1 = autoencoder, 2 = distance net
+        self.register_stage(1)                               # 1 = autoencoder, 2 = distance net
 
     # ------------------------------------------------------------------ networks
     def encode(self, x: Tensor) -> Tensor:
@@ -216,26 +216,22 @@ class LMPPM(KernelBankMixin, OneStepGenerator):
             rank_zero_warn(f"LMPPM: the distance stage starts at step {switch} >= max_steps={max_steps}; D will "
                            "not be trained and the flow runs without its projection step")
 
-    def _start_distance_stage(self) -> None:
-        """Freeze the autoencoder at its EMA weights, build the final bank from the training split, and
-        restart the EMA (with its warm-up) so D's average does not start from its untrained weights."""
-        ema, params = self._ensure_ema(), dict(self.named_parameters())
-        with torch.no_grad():
-            for name, value in ema.items():
-                if name.startswith(("encoder.", "decoder.")):
-                    params[name].copy_(value)
-        self._bank_from_datamodule()
-        self.stage.fill_(2)
-        self.reset_ema()
+    def stage_starts(self) -> list[int]:
+        return [self.switch_step()]
 
-    def ema_decay_at(self, step: int) -> float:
-        """The base's EMA warm-up, counted from the start of the current stage (stage 2: the bank's step)."""
-        local = step - int(self.bank_step) if int(self.stage) == 2 else step
-        return min(self.ema_decay, (1 + local) / (10 + local))
+    def begin_stage(self, stage: int) -> None:
+        """Freeze the autoencoder at its EMA weights and build the final bank from the training split; the
+        staged base then restarts the EMA (with its warm-up) so D's average does not start from its
+        untrained weights."""
+        self.load_ema_into("encoder.", "decoder.")
+        self._bank_from_datamodule()
+
+    def stage_origin(self) -> int:
+        # stage 2 counts from the step its bank was built (the switch), which stays right when a resumed
+        # run changes max_steps and with it an ae_fraction switch
+        return int(self.bank_step) if int(self.stage) == 2 else 0
 
     def loss(self, x: Tensor, idx: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        if int(self.stage) == 1 and self.global_step >= self.switch_step():
-            self._start_distance_stage()
         return self._autoencoder_loss(x) if int(self.stage) == 1 else self._distance_loss(x)
 
     def _autoencoder_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -34,8 +34,10 @@ from onestep.modules import datamodule_of
 from onestep.nets import FlowMap, build_backbone
 from onestep.nets.time import FLOW_TIME_EMBEDDINGS
 from onestep.options import AtLeastOne, UnitInterval
+from onestep.paths import LinearPath
 
 LOSSES = ("position", "velocity")
+PATH = LinearPath()  # the regression targets: x_t and d x_t / dt of the linear path
 
 
 class OTNFM(PrefetchedPairing, OneStepGenerator):
@@ -137,12 +139,11 @@ class OTNFM(PrefetchedPairing, OneStepGenerator):
         t = torch.rand(len(x1), device=x1.device)
         if self.p_t1 > 0:
             t = torch.where(torch.rand_like(t) < self.p_t1, torch.ones_like(t), t)
-        tb = t.view(-1, *([1] * (x1.dim() - 1)))
         if self.loss_type == "velocity":
             _, dphi = torch.func.jvp(lambda tt: self.phi(x0, tt), (t,), (torch.ones_like(t),))
-            loss = (dphi - (x1 - x0)).square().mean()
+            loss = (dphi - PATH.velocity_target(x0, x1, t)).square().mean()
         else:
-            loss = (self.phi(x0, t) - ((1 - tb) * x0 + tb * x1)).square().mean()
+            loss = (self.phi(x0, t) - PATH.interpolate(x0, x1, t)).square().mean()
         return loss, {"pair_cost": (x1 - x0).flatten(1).square().sum(1).mean().detach()}
 
     def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
