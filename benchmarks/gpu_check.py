@@ -68,7 +68,7 @@ def suite_yaml(steps: int, cpu: bool) -> dict[str, Any]:
     return {"name": "gpu_check", "description": f"every method on MNIST, {steps} steps, GPU check",
             "methods": methods, "datasets": ["mnist"], "seeds": [0], "budget": {"max_steps": steps},
             "overrides": trainer, "data": {"batch_size": 16 if cpu else 128},
-            "eval": {"n_samples": 128 if cpu else 5000, "every_n_steps": None}}
+            "eval": {"n_samples": 128 if cpu else 5000, "every_n_steps": None, "final_samples": 128 if cpu else 2048}}
 
 
 def train_rows(results: Path) -> list[dict[str, Any]]:
