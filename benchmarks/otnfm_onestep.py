@@ -17,7 +17,6 @@ Results are merged into ``benchmarks/results/otnfm_onestep.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_torchcfm import REPO, data_reference_floor, locked_results, quiet, summarise  # noqa: E402
+from reference_torchcfm import REPO, data_reference_floor, locked_results, quiet, record_cell  # noqa: E402
 
 from onestep.data import OneStepDataModule  # noqa: E402
 from onestep.generators import OTNFM  # noqa: E402
@@ -90,13 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 cell = {"dataset": dataset, "variant": variant, "seed": seed,
                         "w2": float(wasserstein2(samples, ref, max_samples=None)),
                         "seconds": round(time.perf_counter() - start, 1), "init_args": options}
-                print(json.dumps({k: v for k, v in cell.items() if k != "init_args"}), flush=True)
-                with locked_results(args.out) as results:
-                    results["floors"][dataset] = floor
-                    results["cells"] = [c for c in results["cells"]
-                                        if (c["dataset"], c["variant"], c["seed"]) != (dataset, variant, seed)]
-                    results["cells"].append(cell)
-                    results["summary"] = summarise(results["cells"], results["floors"])
+                record_cell(args.out, cell, floor)
     return 0
 
 

@@ -214,6 +214,18 @@ def data_reference_floor(dataset: str, batch: int, n_samples: int):
     return dm, ref, float(wasserstein2(dm.reference("val", n_samples), ref, max_samples=None))
 
 
+
+def record_cell(out: Path, cell: dict[str, Any], floor: float) -> dict[str, Any]:
+    """Print ``cell``, then replace its earlier record (same dataset, variant, seed) in ``out`` under the lock."""
+    print(json.dumps({k: v for k, v in cell.items() if k != "init_args"}), flush=True)
+    key = (cell["dataset"], cell["variant"], cell["seed"])
+    with locked_results(out) as results:
+        results["floors"][cell["dataset"]] = floor
+        results["cells"] = [c for c in results["cells"] if (c["dataset"], c["variant"], c["seed"]) != key]
+        results["cells"].append(cell)
+        results["summary"] = summarise(results["cells"], results["floors"])
+    return results
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["moons2d", "8gaussians"])
@@ -253,13 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             for seed in args.seeds:
                 cell = run_cell(dataset, variant, seed, args, dm, ref)
-                print(json.dumps({k: v for k, v in cell.items() if k != "init_args"}), flush=True)
-                with locked_results(args.out) as results:
-                    results["floors"][dataset] = floor
-                    results["cells"] = [c for c in results["cells"]
-                                        if (c["dataset"], c["variant"], c["seed"]) != (dataset, variant, seed)]
-                    results["cells"].append(cell)
-                    results["summary"] = summarise(results["cells"], results["floors"])
+                results = record_cell(args.out, cell, floor)
     for dataset, entry in results["summary"].items():
         for variant, stats in entry.items():
             if variant != "floor":
