@@ -341,11 +341,11 @@ def test_time_budget_stops_training(tmp_path):
 def test_sigterm_finishes_the_running_cell_then_stops_the_suite(tmp_path, monkeypatch):
     """SIGTERM during a cell (here: while it is being configured): that cell's record is written, the
     suite stops instead of swallowing the signal, and a rerun runs only the remaining cell."""
-    import onestep.benchmark.runner as runner
+    import onestep.benchmark.launchers as launchers
 
     suite_path = write_suite(tmp_path / "s.yaml", [{"name": "otnfm", "config": str(REPO / "configs/otnfm")}],
                              seeds=(0, 1), steps=5)
-    real_run_cell, calls = runner.run_cell, []
+    real_run_cell, calls = launchers.run_cell, []
 
     def run_cell_then_terminate(*args, **kwargs):
         calls.append(args[1].seed)
@@ -353,7 +353,7 @@ def test_sigterm_finishes_the_running_cell_then_stops_the_suite(tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)
         return real_run_cell(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "run_cell", run_cell_then_terminate)
+    monkeypatch.setattr(launchers, "run_cell", run_cell_then_terminate)
     messages, before = [], signal.getsignal(signal.SIGTERM)
     records = run_suite(load_suite(suite_path), tmp_path / "out", log=lambda m, **k: messages.append(m))
     assert [r["seed"] for r in records] == [0] and records[0]["status"] == "ok" and calls == [0]

@@ -1,7 +1,9 @@
 """Benchmark suites (methods x datasets x seeds under one protocol), the resumable runner and the report.
 
 * :mod:`onestep.benchmark.suite`: the suite YAML format (typed, validated) and its cells;
-* :mod:`onestep.benchmark.cell` / :mod:`onestep.benchmark.runner`: ``onestep benchmark``;
+* :mod:`onestep.benchmark.cell` / :mod:`onestep.benchmark.runner`: ``onestep benchmark``; where the cells
+  run: :mod:`onestep.benchmark.launchers` (this process, local workers, :mod:`onestep.benchmark.cluster`:
+  submitit job arrays on SLURM), with :mod:`onestep.benchmark.resources` (what a cell asks of a cluster);
 * :mod:`onestep.benchmark.records`: the atomic ``results.jsonl`` and machine/version descriptions;
 * :mod:`onestep.benchmark.floor`, :mod:`~onestep.benchmark.tables`, :mod:`~onestep.benchmark.figures`,
   :mod:`onestep.benchmark.report`: ``onestep report``.

@@ -1,18 +1,28 @@
 """``results.jsonl``: one JSON line per finished cell, appended atomically; plus the machine and versions.
 
-Atomicity: a record is serialised first and written with a single ``os.write`` on a file descriptor opened
-with ``O_APPEND`` (so concurrent appenders never interleave and the line lands at the end), then
-``fsync``-ed. A process killed mid-suite therefore leaves only complete lines, except in the (theoretical)
-case of a kill inside that one write; the reader ignores such a torn last line, and the next append
-starts on a fresh line so the fragment never corrupts the record after it.
+Atomicity, for writers in several processes and on several hosts (cluster jobs on a shared filesystem):
+a record is serialised first, then written while holding an exclusive POSIX record lock
+(``fcntl.lockf``) on ``results.jsonl.lock``, through a file descriptor opened with ``O_APPEND``, and
+``fsync``-ed before the lock is released. ``O_APPEND`` alone keeps concurrent writes whole on a local
+filesystem, but an NFS client appends at the end *it* last saw, so two hosts can overwrite each other;
+the lock serialises the writers (NFS implements these locks across hosts, and a client revalidates the
+file's size when it takes one and flushes its writes before releasing it). A process killed mid-suite
+therefore leaves only complete lines, except in the (theoretical) case of a kill inside that one write;
+the reader ignores such a torn last line, and the next append starts on a fresh line so the fragment
+never corrupts the record after it. The lock dies with its process, so a killed writer never leaves a
+stale lock behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import platform
+import time
 import warnings
 from collections.abc import Iterable
 from importlib import metadata
@@ -22,6 +32,8 @@ from typing import Any
 import torch
 
 RESULTS_FILE = "results.jsonl"
+LOCK_WAIT_SECONDS = 600.0  # an append waits this long for another writer before giving up loudly
+LOCK_POLL_SECONDS = 0.01
 PACKAGES = ("torch", "lightning", "onestep", "numpy", "POT", "torchmetrics", "scipy", "jsonargparse")
 
 
@@ -46,25 +58,53 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append ``record`` as one line with a single ``os.write`` + ``fsync`` (see the module docstring)."""
+@contextlib.contextmanager
+def results_lock(path: str | os.PathLike, wait_seconds: float = LOCK_WAIT_SECONDS):
+    """Hold the exclusive lock of results file ``path`` (the lock file ``<path>.lock`` next to it).
+
+    POSIX record locks belong to a process: threads of one process do not exclude each other (the
+    benchmark appends from one thread per process)."""
+    lock_path = Path(f"{path}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{lock_path} is still locked by another process after {wait_seconds:.0f} s; "
+                                       "is a writer hung on the filesystem? The record was not written") from None
+                time.sleep(LOCK_POLL_SECONDS)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def append_record(path: str | os.PathLike, record: dict[str, Any], wait_seconds: float = LOCK_WAIT_SECONDS) -> None:
+    """Append ``record`` as one line, under the results lock, with ``O_APPEND`` + ``fsync`` (see the module
+    docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(jsonable(record), sort_keys=True, allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size:  # a torn fragment from a killed writer must not swallow this record
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
-        written = os.write(fd, data)
-        if written != len(data):
-            raise OSError(f"short write to {path}: {written} of {len(data)} bytes (disk full?)")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with results_lock(path, wait_seconds):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size:  # a torn fragment from a killed writer must not swallow this record
+                with open(path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        data = b"\n" + data
+            view = memoryview(data)
+            while view:  # a short write (a signal, a full quota) is continued; the lock keeps the line whole
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:

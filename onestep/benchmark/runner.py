@@ -12,8 +12,11 @@ Rerunning the same command skips every cell whose last record is ``ok`` under th
 (fingerprint of method, dataset, seed, budget, protocol and overrides), retries failed cells, and resumes a
 cell that was interrupted during training from its ``last.ckpt``. A failing cell is recorded with its error
 and traceback tail and the suite goes on. Ctrl-C checkpoints the cell in training (a second Ctrl-C stops at
-once), prints which cells finished and which are left and the command that resumes them, and exits with 130. ``--jobs N`` runs N cells at once in worker processes
-(:mod:`onestep.benchmark.parallel`).
+once), prints which cells finished and which are left and the command that resumes them, and exits with 130.
+
+This module plans (which cells are left), dispatches them to a launcher and reports; where the cells run
+is the launcher's business (:mod:`onestep.benchmark.launchers`): this process, ``--jobs N`` worker
+processes, or ``--launcher slurm`` / ``submitit_local`` job arrays (:mod:`onestep.benchmark.cluster`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import Any
 
 import yaml
 
-from onestep.benchmark.cell import cell_args, run_cell
-from onestep.benchmark.parallel import run_cells_in_workers
-from onestep.benchmark.records import (RESULTS_FILE, append_record, describe_machine_short, latest_by_cell,
-                                       machine_info, package_versions, read_records)
+from onestep.benchmark.cell import cell_args
+from onestep.benchmark.launchers import LAUNCHERS, CellPlan, Launcher, make_launcher
+from onestep.benchmark.records import (RESULTS_FILE, describe_machine_short, latest_by_cell, machine_info,
+                                       package_versions, read_records)
+from onestep.benchmark.resources import add_command_line_options, command_line_options, with_command_line
 from onestep.benchmark.report import write_report
 from onestep.benchmark.suite import Cell, Suite, load_suite
 from onestep.benchmark.tables import primary_metric
@@ -132,9 +136,10 @@ def estimate_left(remaining: list[Cell], durations: dict[str, list[float]]) -> f
 
 def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | None = None,
               cells: list[Cell] | None = None, quiet: bool = True, log=print, jobs: int = 1,
-              threads: int | None = None) -> list[dict[str, Any]]:
-    """Run every unfinished cell (in suite order), appending each record as soon as it exists; with
-    ``jobs > 1`` in that many worker processes at once (:mod:`onestep.benchmark.parallel`)."""
+              threads: int | None = None, launcher: Launcher | None = None) -> list[dict[str, Any]]:
+    """Plan (the unfinished cells, in suite order), dispatch them to ``launcher`` (default: this process, or
+    ``jobs`` local worker processes, :mod:`onestep.benchmark.launchers`) and report one line per record
+    as it comes back; returns the records of this invocation."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = suite.cells() if cells is None else cells
@@ -142,28 +147,23 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
     todo = [c for c in cells if c.key not in done]
     log(f"onestep benchmark: suite {suite.name!r}: {len(cells)} cells ({len(cells) - len(todo)} already finished, "
         f"{len(todo)} to run) -> {out_dir}  [{describe_machine_short(machine_info())}]")
+    launcher = launcher if launcher is not None else make_launcher("local", jobs)
+    plan = CellPlan(suite, todo, out_dir, wandb, threads, quiet, log)
     start, durations, records = time.perf_counter(), {}, []
+    finished: set[tuple[str, str, int]] = set()
+
+    def report(cell: Cell, record: dict[str, Any] | None, seconds: float) -> None:
+        finished.add(cell.key)
+        if record is None:
+            log(f"{cell.run_name}: interrupted, its last.ckpt is kept (rerun to resume)", flush=True)
+            return
+        records.append(record)
+        _log_cell(log, len(records), len(todo), cell, record, seconds, start, durations,
+                  [c for c in todo if c.key not in finished], launcher.width)
+
     stop, previous = _install_stop_handler()
-    current: list[Cell] = []  # the cell being run (single process)
     try:
-        if jobs > 1:
-            if not suite.path:
-                raise ValueError("--jobs > 1 needs a suite loaded from a file (the workers read it)")
-            finished: set[tuple[str, str, int]] = set()
-
-            def report(cell: Cell, record: dict[str, Any] | None, seconds: float) -> None:
-                finished.add(cell.key)
-                if record is None:
-                    log(f"{cell.run_name}: interrupted, its last.ckpt is kept (rerun to resume)", flush=True)
-                    return
-                records.append(record)
-                _log_cell(log, len(records), len(todo), cell, record, seconds, start, durations,
-                          [c for c in todo if c.key not in finished], jobs)
-
-            run_cells_in_workers(suite, suite.path, todo, out_dir, jobs, threads,
-                                 wandb.get("project", "onestep") if wandb else None, stop, report)
-        else:
-            _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop, current)
+        launcher.run(plan, stop, report)
     except (KeyboardInterrupt, Interrupted):  # Ctrl-C: in training the cell's last.ckpt was written first
         stop["signal"] = signal.SIGINT
     finally:
@@ -176,8 +176,9 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
     if stop["signal"] == signal.SIGINT:
         ran = {(r["method"], r["dataset"], r["seed"]) for r in records}
         left = [c.run_name for c in todo if c.key not in ran]
-        if current and current[-1].key not in ran:
-            log(f"onestep benchmark: interrupted in {current[-1].run_name}; a checkpoint written then is resumed")
+        current = launcher.current
+        if current is not None and current.key not in ran:
+            log(f"onestep benchmark: interrupted in {current.run_name}; a checkpoint written then is resumed")
         log("onestep benchmark: finished now: " + (", ".join(f"{r['run_name']} ({r['status']})" for r in records)
                                                      or "none"))
         log(f"onestep benchmark: left: {', '.join(left[:12])}" + (f" and {len(left) - 12} more" if len(left) > 12 else ""))
@@ -199,18 +200,6 @@ def _install_stop_handler() -> tuple[dict[str, int | None], Any]:
         stop["signal"] = signum
 
     return stop, signal.signal(signal.SIGTERM, handler)
-
-
-def _run_cells(suite, todo, out_dir, wandb, quiet, log, start, durations, records, stop, current) -> None:
-    for i, cell in enumerate(todo, 1):
-        current.append(cell)
-        cell_start = time.perf_counter()
-        record = run_cell(suite, cell, out_dir, wandb=wandb, quiet=quiet)
-        append_record(out_dir / RESULTS_FILE, record)
-        records.append(record)
-        _log_cell(log, i, len(todo), cell, record, time.perf_counter() - cell_start, start, durations, todo[i:])
-        if stop["signal"] is not None:
-            return
 
 
 def _log_cell(log, i: int, total: int, cell: Cell, record: dict[str, Any], seconds: float, start: float,
@@ -251,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="keep Lightning's info messages")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process (on GPUs: "
                         "worker k uses GPU k mod count); combine with --threads so jobs x threads <= cores")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="local", help="where cells run: local (this "
+                        "machine, --jobs at once), slurm (each cell one task of a SLURM job array through submitit; "
+                        "resources from the suite's resources: and --slurm.*), submitit_local (the same through "
+                        "submitit's local executor, every cell at once); slurm needs pip install onestep[cluster]")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one cell, for --jobs
+    add_command_line_options(parser)
     return parser
 
 
@@ -263,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         cells = select_cells(suite, args.methods, args.datasets, args.seeds)
         if args.wandb:
             require_wandb()
+        if args.launcher != "local" and args.jobs != 1:
+            raise ValueError(f"--jobs applies to --launcher local; with --launcher {args.launcher} every cell is its "
+                             "own task (limit how many run at once with --slurm.parallelism)")
+        resources = with_command_line(suite.resources, command_line_options(args))
+        launcher = None if args.dry_run else make_launcher(args.launcher, args.jobs, resources)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"onestep benchmark: error: {err}", file=sys.stderr)
         return 2
@@ -280,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             except (FileNotFoundError, ValueError) as err:
                 command, doomed = f"(will fail: {err})", doomed + 1
             print(f"{'done' if cell.key in done else 'todo'}  {cell.run_name}: {command}")
+        if args.launcher != "local":
+            from onestep.benchmark.cluster import executor_parameters
+
+            cluster = "slurm" if args.launcher == "slurm" else "local"
+            print(f"launcher {args.launcher}: each cell one task with "
+                  f"{executor_parameters(cluster, resources, f'onestep-{suite.name}')}")
         if doomed:
             print(f"onestep benchmark: error: {doomed} of {len(cells)} cells will fail (see 'will fail' above); "
                   "fix the suite before running it", file=sys.stderr)
@@ -300,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     record_invocation(out_dir, suite, argv)
     try:
-        records = run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, jobs=args.jobs,
-                            threads=threads)
+        records = run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, threads=threads,
+                            launcher=launcher)
     except SuiteInterrupted:
         print(f"onestep benchmark: results so far are in {out_dir / RESULTS_FILE}; resume with: onestep "
               f"{shlex.join(['benchmark', *argv])}  (`onestep report {out_dir}` reports the finished cells)",

@@ -30,6 +30,8 @@ A suite is a YAML file::
     threads: 1                           # torch intra-op threads (optional; `--threads` overrides it)
     reference: flow_matching             # the method the others are compared with in the report (optional;
                                          # default: the method named flow_matching, if any)
+    resources: {partition: gpu, gpus: 1, time_min: 120}   # per cell, for --launcher slurm (optional; see
+                                         # onestep.benchmark.resources; not part of a cell's fingerprint)
 
 Paths are tried relative to the current directory first, then to the suite file's directory and each of
 its parents (so ``configs/otnfm`` works from the repository root and from ``configs/suites``). A missing
@@ -58,6 +60,7 @@ from typing import Annotated, Any, get_type_hints
 
 import yaml
 
+from onestep.benchmark.resources import ClusterResources, resources_from_dict
 from onestep.options import AtLeastOne, Positive, Range, init_hints, value_problem
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+=,\[\]-]+$")
@@ -65,7 +68,7 @@ RUNNER_EVAL_KEYS = {"nfe_sweep": None, "final_samples": 2048}
 PROTOCOL_DEFAULTS: dict[str, Any] = {"n_samples": 2048, "reference_split": "test", "feature_space": None,
                                      "w2_max_samples": 2048, "seed": 0, "every_n_steps": None}
 TOP_LEVEL_KEYS = ("name", "description", "methods", "datasets", "seeds", "budget", "data", "eval", "overrides",
-                  "threads", "reference")
+                  "threads", "reference", "resources")
 
 
 def _fail(where: str, message: str) -> None:
@@ -225,6 +228,7 @@ class Suite:
     path: str | None = None
     threads: int | None = None
     reference: str | None = None
+    resources: ClusterResources = field(default_factory=ClusterResources)  # cluster launchers only; not fingerprinted
 
     def cells(self) -> list[Cell]:
         """Every cell, dataset-major (all methods of a dataset run close together in time)."""
@@ -249,7 +253,7 @@ class Suite:
                 "methods": [asdict(m) for m in self.methods], "datasets": list(self.datasets),
                 "seeds": list(self.seeds), "budget": asdict(self.budget), "eval": self.protocol.as_dict(),
                 "data": self.data, "overrides": self.overrides, "threads": self.threads,
-                "reference": self.reference}
+                "reference": self.reference, "resources": self.resources.as_dict()}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -382,7 +386,8 @@ def suite_from_dict(raw: dict[str, Any], path: str | None = None) -> Suite:
     return Suite(name=name, methods=methods, datasets=tuple(datasets),
                  seeds=tuple(seeds), budget=Budget(**budget_raw), protocol=protocol, data=dict(data),
                  overrides=dict(overrides), description=str(raw.get("description") or ""),
-                 path=str(path) if path else None, threads=threads, reference=reference)
+                 path=str(path) if path else None, threads=threads, reference=reference,
+                 resources=resources_from_dict(raw.get("resources")))
 
 
 def load_suite(path: str | Path) -> Suite:
