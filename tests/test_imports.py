@@ -157,3 +157,24 @@ def test_graph_sees_function_level_and_relative_imports(tmp_path):
     pair = {frozenset({"onestep.sub.a", "onestep.sub.b"})}
     assert cycles({"onestep.sub.a": {"onestep.sub.b"}, "onestep.sub.b": {"onestep.sub.a"}}, pair) == []
     assert cycles(graph, pair) != []
+
+
+def test_benchmark_layers_import_downwards_only():
+    """``onestep benchmark`` layers: cli -> runner (plans, dispatches, reports) -> launchers -> cluster /
+    parallel -> cell -> records. No lower layer imports a higher one, even inside a function (a cell that
+    imported the CLI, which imports the runner, was such a loop)."""
+    graph = import_graph()
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for child in graph[todo.pop()] - seen:
+                seen.add(child)
+                todo.append(child)
+        return seen
+
+    assert {"onestep.benchmark.launchers", "onestep.benchmark.cell"} <= reaches("onestep.benchmark.runner")
+    for lower in ("onestep.benchmark.launchers", "onestep.benchmark.cluster", "onestep.benchmark.parallel",
+                  "onestep.benchmark.cell", "onestep.benchmark.records"):
+        above = reaches(lower) & {"onestep.cli", "onestep.benchmark.runner", "onestep.benchmark.launchers"} - {lower}
+        assert not above, f"{lower} imports {sorted(above)}"

@@ -214,3 +214,33 @@ def test_an_append_waits_for_the_lock_held_by_another_process(tmp_path):
         holder.join(timeout=60)
     append_record(path, {"method": "a", "dataset": "d", "seed": 0, "status": "ok"}, wait_seconds=0)
     assert [r["method"] for r in read_records(path)] == ["a"]
+
+
+def test_onestep_imports_submitit_only_inside_functions():
+    """submitit is an optional extra (``onestep[cluster]``): no module imports it at load time."""
+    import ast
+
+    def module_level(body):
+        for node in body:
+            yield node
+            for field in ("body", "orelse", "finalbody", "handlers"):  # if/try blocks still run at import
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    yield from module_level(getattr(node, field, []) or [])
+            if isinstance(node, ast.ClassDef):
+                yield from module_level(node.body)
+
+    found, anywhere = [], 0
+    for path in (REPO / "onestep").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = lambda n: [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""]  # noqa: E731
+        anywhere += sum(any(x.split(".")[0] == "submitit" for x in names(n)) for n in ast.walk(tree)
+                        if isinstance(n, (ast.Import, ast.ImportFrom)))
+        found += [f"{path.name}:{n.lineno}" for n in module_level(tree.body) if isinstance(n, (ast.Import, ast.ImportFrom))
+                  and any(x.split(".")[0] == "submitit" for x in names(n))]
+    assert anywhere >= 1 and not found, found  # it is used, and only lazily
+
+
+def test_slurm_options_with_the_local_launcher_are_refused(tmp_path, capsys):
+    suite = _suite_file(tmp_path / "s.yaml", [{"name": "otnfm", "config": str(REPO / "configs/otnfm")}])
+    assert benchmark_main(["--suite", str(suite), "--slurm.gpus", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "--slurm.gpus apply to --launcher slurm or submitit_local" in capsys.readouterr().err

@@ -67,8 +67,9 @@ class CellTask:
         try:
             record = run_cell(self.suite, cell, self.out_dir, wandb=self.wandb, quiet=self.quiet)
         except Preempted:  # last.ckpt is written; submitit's handler of the signal requeues this task
-            signal.raise_signal(PREEMPT_SIGNAL)
-            raise  # only reached when nothing requeues (submitit's handler was not installed)
+            if callable(signal.getsignal(PREEMPT_SIGNAL)):  # outside a submitit job: just end, resumable
+                signal.raise_signal(PREEMPT_SIGNAL)  # checkpoint() + requeue + exit
+            raise
         append_record(self.out_dir / RESULTS_FILE, record)
         return record
 

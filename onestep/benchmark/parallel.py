@@ -1,8 +1,8 @@
 """``onestep benchmark --jobs N``: cells run in up to N worker processes at once.
 
 Each cell runs in a fresh process (``onestep benchmark --worker`` restricted to that one cell), which
-appends its own record to ``results.jsonl`` with a single ``O_APPEND`` write, so concurrent workers never
-tear or interleave lines. The parent hands out cells in suite order, prints one progress line per finished cell, and records a failure itself when a
+appends its own record to ``results.jsonl`` with a single ``O_APPEND`` write under the file's lock
+(:func:`onestep.benchmark.records.append_record`), so concurrent workers never tear or interleave lines. The parent hands out cells in suite order, prints one progress line per finished cell, and records a failure itself when a
 worker dies without writing one (killed, out of memory). On a machine with GPUs, worker slot ``k`` sees
 only GPU ``k mod count`` (``CUDA_VISIBLE_DEVICES``). A worker's output goes to ``<out>/logs/<cell>.log``.
 

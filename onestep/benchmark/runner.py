@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.launcher != "local" and args.jobs != 1:
             raise ValueError(f"--jobs applies to --launcher local; with --launcher {args.launcher} every cell is its "
                              "own task (limit how many run at once with --slurm.parallelism)")
+        given = [f"--slurm.{key}" for key, value in command_line_options(args).items() if value is not None]
+        if args.launcher == "local" and given:
+            raise ValueError(f"{', '.join(given)} apply to --launcher slurm or submitit_local, not to local cells")
         resources = with_command_line(suite.resources, command_line_options(args))
         launcher = None if args.dry_run else make_launcher(args.launcher, args.jobs, resources)
     except (ValueError, FileNotFoundError, ImportError) as err:
