@@ -166,7 +166,8 @@ def test_bad_suite_resources_and_missing_submitit_get_one_line(tmp_path, capsys,
     assert not (tmp_path / "o").exists()  # refused before anything ran
 
 
-def _append_many(path: str, writer: int, count: int) -> None:
+def _append_many(path: str, writer: int, count: int, start) -> None:
+    start.wait(60)  # every writer begins together, so their appends overlap
     for i in range(count):  # records of very different sizes, up to ~300 kB (far beyond any atomic write size)
         append_record(path, {"method": f"w{writer}", "dataset": "d", "seed": i, "status": "ok",
                              "payload": "x" * (1 + (writer * 7919 + i * 104729) % 300_000)})
@@ -175,7 +176,8 @@ def _append_many(path: str, writer: int, count: int) -> None:
 def test_concurrent_appends_from_several_processes_keep_every_line_whole(tmp_path):
     path = tmp_path / "results.jsonl"
     context = multiprocessing.get_context("fork")
-    writers = [context.Process(target=_append_many, args=(str(path), w, 25)) for w in range(4)]
+    start = context.Barrier(4)
+    writers = [context.Process(target=_append_many, args=(str(path), w, 25, start)) for w in range(4)]
     for p in writers:
         p.start()
     for p in writers:
