@@ -50,8 +50,8 @@ from onestep import solvers
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.characteristic_image import image_loss, make_distance
 from onestep.generators.characteristic_teacher import (
-    INTERPOLANTS, SOLVERS, TwoTimeNet, freeze, load_teacher_checkpoint, make_teacher, rename_legacy_teacher_keys,
-    teacher_output_net, teacher_path_name,
+    INTERPOLANTS, SOLVERS, TwoTimeNet, freeze, load_teacher_checkpoint, make_teacher, rename_legacy_target_time_keys,
+    rename_legacy_teacher_keys, teacher_output_net, teacher_path_name,
 )
 from onestep.generators.characteristic_vector import PAIR_SAMPLINGS, vector_loss
 from onestep.options import AtLeastOne, Fraction, NonNegative, Positive, Range
@@ -361,10 +361,13 @@ class CharacteristicGenerator(StagedTraining, OneStepGenerator):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints from before the shared stage buffer and paths: the stage was only the key below, and
-        # a Föllmer teacher's weights sat in a wrapper (teacher.net.inner.*)
+        # a Föllmer teacher's weights sat in a wrapper (teacher.net.inner.*); the per-block target time sat
+        # beside the student's UNet (student.t_embed.*, student.t_films.*)
         state = checkpoint.get("state_dict")
         if state is not None:
             state.setdefault("stage", torch.tensor(int(checkpoint.get("characteristic_stage", int(self.stage)))))
             rename_legacy_teacher_keys(state)
+            rename_legacy_target_time_keys(state, self.student.net)
         rename_legacy_teacher_keys(checkpoint.get("ema", {}))
+        rename_legacy_target_time_keys(checkpoint.get("ema", {}), self.student.net)
         super().on_load_checkpoint(checkpoint)
