@@ -142,3 +142,16 @@ def test_bad_options_are_refused_in_one_line():
     with pytest.raises(ValueError, match="no train_data tensor"):
         L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False).fit(model, loader)
+
+
+@pytest.mark.parametrize("options", [dict(proposal="map_laplace"), dict(proposal="mc", laplace_fallback_ess=1e9)])
+def test_map_laplace_and_its_ess_fallback_run_on_codes(options):
+    model = make(laplace_anchors=4, map_steps=1, **options)
+    x = TinyImages().train_data[:8]
+    with torch.no_grad():
+        model.code_model.fit_standardization(model.encode(x))
+    model.stage.fill_(2)
+    loss, logs = model.loss(x, None)
+    assert logs["laplace_step"] == 1.0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.code_model.net.parameters())

@@ -89,7 +89,9 @@ class CharacteristicGenerator(StagedTraining, OneStepGenerator):
             ``pairs_per_trajectory`` pairs. The teacher's solve is most of a step's cost.
         optimizer: ``adamw`` or ``radam`` (the authors'; decoupled weight decay), both stages.
         target_time_input: how the student's UNet sees the target time: ``input`` (extra input channels)
-            or ``blocks`` (its own embedding added to every residual block's FiLM, as the authors' code).
+            or ``blocks`` (the UNet's ``second_time``: its own embedding, and a FiLM per residual block added
+            to the block's FiLM, as the authors' code). The default ``input`` was not measured against
+            ``blocks`` (no budget for image runs on CPU); the MNIST configs use ``blocks``, the spec's.
         dsm_weight, adaptive_weight: image mode weight of the denoising term (times the adaptive weight).
         distance, lpips_weights: image mode trajectory distance, ``l2`` or ``lpips`` (needs ``lpips_weights``,
             a local LPIPS-VGG state dict; nothing is downloaded).
