@@ -7,6 +7,13 @@ standardised codes) trained ``--ae-steps`` autoencoder steps and ``--magt-steps`
 ``train/ess_mean`` at the first and at the last MAGT steps, for each ``--sigmas`` (standardised code units).
 
     python benchmarks/magt_latent_ess.py --ae-steps 300 --magt-steps 200
+
+Measured (2-core shared CPU VM, loaded; seed 0; ``--ae-steps 150 --magt-steps 30 --batches 2 --sigmas 0.2 1.0``):
+pixel space 1.35 (of K = 1024) at initialisation; code space, sigma 0.2: 18.1 over the first 10 MAGT steps,
+1.27 over the last 10; sigma 1.0: 799 then 56. (``--ae-steps 20 --magt-steps 10 --sigmas 0.5``: 316.) The
+untrained generator's codes sit close together (high ESS); as it spreads them the ESS at sigma 0.2 falls to
+the nearest-anchor regime within 30 steps, at sigma 1.0 it stays about 40x the pixel-space value. Sample
+quality (FD) was not measured.
 """
 
 from __future__ import annotations
