@@ -28,8 +28,8 @@ def inputs(batch: int = 4):
 
 
 def test_default_unet_reproduces_the_outputs_of_the_code_before_the_option():
-    """tests/data/unet_main_a53c6c2_outputs.pt: outputs of main a53c6c2's UNet (seed 0, weights perturbed as in
-    /tmp/unet_ref.py of the branch's report) on fixed inputs; the default UNet draws and computes the same."""
+    """tests/data/unet_main_a53c6c2_outputs.pt: the outputs this body computes, written by the same body run on
+    main a53c6c2's UNet (before the option); the default UNet must draw and compute the same."""
     expected = torch.load(Path(__file__).parent / "data" / "unet_main_a53c6c2_outputs.pt")
     for kw, want in zip((SMALL, DEEP), expected, strict=True):
         torch.manual_seed(0)
