@@ -4,6 +4,7 @@ image (CTM-style) loss, and option validation."""
 
 import copy
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -541,19 +542,35 @@ def test_target_time_in_every_block_starts_at_the_teacher_and_learns():
     gen.set_teacher(teacher)
     student = gen.student
     blocks = [m for m in student.net.modules() if type(m).__name__ == "ResBlock"]
-    assert len(student.t_films) == len(blocks) > 2
+    films = [b.film_s for b in blocks]
+    assert student.net.second_time and len(blocks) > 2 and all(f is not None for f in films)
     x, s = torch.randn(4, *shape), torch.rand(4) * 0.9
     with torch.no_grad():  # initialised from the teacher: exactly the teacher, whatever the target time
         assert torch.equal(student(x, s, torch.rand(4)), teacher.net(x, s))
     loss, _ = gen.loss(torch.randn(6, *shape), None)
     loss.backward()
-    assert all(f[-1].weight.grad.abs().sum() > 0 for f in student.t_films)  # every block's t layer learns
+    assert all(f[-1].weight.grad.abs().sum() > 0 for f in films)  # every block's t layer learns
     with torch.no_grad():
-        for f in student.t_films:
+        for f in films:
             f[-1].weight.add_(0.1 * torch.randn_like(f[-1].weight))
         t1, t2 = torch.full((4,), 0.95), torch.full((4,), 0.3)
         assert not torch.allclose(student(x, s, t1), student(x, s, t2))
         ema = {k[len("student."):]: v for k, v in gen._ensure_ema().items() if k.startswith("student.")}
-        assert any(k.startswith("t_films.") for k in ema)  # the EMA target network has them too
+        assert any(".film_s." in k for k in ema)  # the EMA target network has them too
     with pytest.raises(ValueError, match="target_time_input='blocks' needs the 'unet'"):
         CharacteristicGenerator(data_shape=(2,), backbone=MLP, target_time_input="blocks")
+
+
+def test_checkpoint_from_before_the_two_time_unet_loads_and_gives_the_same_outputs():
+    """tests/data/characteristic_blocks_legacy*.* were written by the code of main a53c6c2, whose per-block
+    target time sat beside the UNet (student.t_embed.*, student.t_films.*): its student output on fixed
+    inputs and its EMA samples must come back bit for bit."""
+    data = Path(__file__).parent / "data"
+    gen = CharacteristicGenerator.load_from_checkpoint(data / "characteristic_blocks_legacy.ckpt", map_location="cpu",
+                                                       weights_only=False)
+    io = torch.load(data / "characteristic_blocks_legacy_io.pt")
+    assert gen.student.net.second_time and int(gen.stage) == 2
+    assert any(v.abs().sum() > 0 for k, v in gen.state_dict().items() if ".film_s." in k)
+    with torch.no_grad():
+        assert torch.equal(gen.student(io["x"], io["s"], io["t"]), io["student_out"])
+    assert torch.equal(gen.sample(2, generator=torch.Generator().manual_seed(io["sample_seed"])), io["sample"])

@@ -31,6 +31,7 @@ def _optional(module: str, name: str):
 
 CharacteristicGenerator = _optional("characteristic", "CharacteristicGenerator")
 MAGT = _optional("magt", "MAGT")
+LatentMAGT = _optional("magt_latent", "LatentMAGT")
 LMPPM = _optional("lmppm", "LMPPM")
 
 METHODS = {
@@ -48,8 +49,12 @@ METHODS = {
     "lmppm": lambda shape: LMPPM(data_shape=shape, latent_dim=2, ae_steps=4, bank_size=32, ema_decay=0.9,
                                  encoder={"name": "mlp", "hidden": [16]}, decoder={"name": "mlp", "hidden": [16]},
                                  distance_net={"name": "mlp", "hidden": [16]}),
+    # autoencoder for 4 steps, then MAGT on the standardised codes
+    "magt-latent": lambda shape: LatentMAGT(data_shape=shape, code_dim=2, latent_dim=1, ae_steps=4, n_anchors=32,
+                                            ema_decay=0.9, backbone=TINY, encoder={"name": "mlp", "hidden": [16]},
+                                            decoder={"name": "mlp", "hidden": [16]}),
 }
-AVAILABLE = {"characteristic-stage2": CharacteristicGenerator, "magt": MAGT, "lmppm": LMPPM}
+AVAILABLE = {"characteristic-stage2": CharacteristicGenerator, "magt": MAGT, "lmppm": LMPPM, "magt-latent": LatentMAGT}
 
 
 class StopAt(Callback):
@@ -119,7 +124,7 @@ def test_resume_equals_uninterrupted_mid_epoch_and_after_a_stop(method, tmp_path
     mid = torch.load(tmp_path / "full" / f"step{n}.ckpt", weights_only=True)
     if method == "characteristic-stage2":
         assert mid["characteristic_stage"] == 2  # the resumed part is the student stage
-    if method == "lmppm":
+    if method in ("lmppm", "magt-latent"):
         assert int(mid["state_dict"]["stage"]) == 2
 
     # resume from the checkpoint written while the uninterrupted run passed step n (mid-epoch)

@@ -50,8 +50,8 @@ from onestep import solvers
 from onestep.generators.base import OneStepGenerator, _check
 from onestep.generators.characteristic_image import image_loss, make_distance
 from onestep.generators.characteristic_teacher import (
-    INTERPOLANTS, SOLVERS, TwoTimeNet, freeze, load_teacher_checkpoint, make_teacher, rename_legacy_teacher_keys,
-    teacher_output_net, teacher_path_name,
+    INTERPOLANTS, SOLVERS, TwoTimeNet, freeze, load_teacher_checkpoint, make_teacher, rename_legacy_target_time_keys,
+    rename_legacy_teacher_keys, teacher_output_net, teacher_path_name,
 )
 from onestep.generators.characteristic_vector import PAIR_SAMPLINGS, vector_loss
 from onestep.options import AtLeastOne, Fraction, NonNegative, Positive, Range
@@ -89,7 +89,9 @@ class CharacteristicGenerator(StagedTraining, OneStepGenerator):
             ``pairs_per_trajectory`` pairs. The teacher's solve is most of a step's cost.
         optimizer: ``adamw`` or ``radam`` (the authors'; decoupled weight decay), both stages.
         target_time_input: how the student's UNet sees the target time: ``input`` (extra input channels)
-            or ``blocks`` (its own embedding added to every residual block's FiLM, as the authors' code).
+            or ``blocks`` (the UNet's ``second_time``: its own embedding, and a FiLM per residual block added
+            to the block's FiLM, as the authors' code). The default ``input`` was not measured against
+            ``blocks`` (no budget for image runs on CPU); the MNIST configs use ``blocks``, the spec's.
         dsm_weight, adaptive_weight: image mode weight of the denoising term (times the adaptive weight).
         distance, lpips_weights: image mode trajectory distance, ``l2`` or ``lpips`` (needs ``lpips_weights``,
             a local LPIPS-VGG state dict; nothing is downloaded).
@@ -361,10 +363,13 @@ class CharacteristicGenerator(StagedTraining, OneStepGenerator):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints from before the shared stage buffer and paths: the stage was only the key below, and
-        # a Föllmer teacher's weights sat in a wrapper (teacher.net.inner.*)
+        # a Föllmer teacher's weights sat in a wrapper (teacher.net.inner.*); the per-block target time sat
+        # beside the student's UNet (student.t_embed.*, student.t_films.*)
         state = checkpoint.get("state_dict")
         if state is not None:
             state.setdefault("stage", torch.tensor(int(checkpoint.get("characteristic_stage", int(self.stage)))))
             rename_legacy_teacher_keys(state)
+            rename_legacy_target_time_keys(state, self.student.net)
         rename_legacy_teacher_keys(checkpoint.get("ema", {}))
+        rename_legacy_target_time_keys(checkpoint.get("ema", {}), self.student.net)
         super().on_load_checkpoint(checkpoint)

@@ -9,7 +9,6 @@ Time runs as in the paper: ``t = 0`` is the Gaussian, ``t = 1`` the data. The te
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from onestep.generators.flow_matching import FlowMatching
 from onestep.nets import SinusoidalTimeEmbedding, as_batch_time, build_backbone
-from onestep.nets.unet import ResBlock
+from onestep.nets.unet import ResBlock, UNet
 from onestep.paths import PATHS, AffinePath
 
 INTERPOLANTS = PATHS
@@ -49,6 +48,22 @@ def rename_legacy_teacher_keys(weights: dict[str, Any]) -> None:
     it inside a wrapper (``teacher.net.inner.*``); rename those keys in place to ``teacher.net.*``."""
     for key in [k for k in weights if k.startswith("teacher.net.inner.")]:
         weights["teacher.net." + key[len("teacher.net.inner."):]] = weights.pop(key)
+
+
+def rename_legacy_target_time_keys(weights: dict[str, Any], student_net: nn.Module) -> None:
+    """Checkpoints written before the per-block target time moved into the UNet (``second_time``) kept its
+    layers beside the UNet: ``student.t_embed.*`` (now ``student.net.second_time_embed.*``) and
+    ``student.t_films.<i>.*``, one per FiLM-conditioned residual block in module order (now
+    ``student.net.<that block>.film_s.*``). Rename those keys in place; the tensors are unchanged."""
+    blocks = [name for name, m in student_net.named_modules() if isinstance(m, ResBlock) and m.film is not None]
+    for key in [k for k in weights if k.startswith(("student.t_embed.", "student.t_films."))]:
+        if key.startswith("student.t_embed."):
+            weights["student.net.second_time_embed." + key[len("student.t_embed."):]] = weights.pop(key)
+            continue
+        index, rest = key[len("student.t_films."):].split(".", 1)
+        if int(index) >= len(blocks):
+            raise ValueError(f"checkpoint key {key!r}: the student UNet has only {len(blocks)} residual blocks")
+        weights[f"student.net.{blocks[int(index)]}.film_s.{rest}"] = weights.pop(key)
 
 
 def load_teacher_checkpoint(path: str, data_shape: Sequence[int]) -> FlowMatching:
@@ -104,8 +119,9 @@ class TwoTimeNet(nn.Module):
     * ``input``: sinusoidal features of ``t`` are appended to the input (extra coordinates for vectors,
       extra constant channels for images), so any ``mlp`` or ``unet`` backbone takes two times unchanged;
       for an MLP this is how it sees ``s`` too, for a UNet ``t`` then reaches only the input convolution;
-    * ``blocks`` (UNet only, the authors' code): ``t`` gets its own embedding MLP, and every residual
-      block a FiLM layer of its own whose (scale, shift) is added to the block's ``s`` FiLM output.
+    * ``blocks`` (UNet only, the authors' code): the UNet's ``second_time`` (:mod:`onestep.nets.unet`):
+      ``t`` gets its own embedding MLP (on ``t_features`` sinusoidal features), and every residual block a
+      FiLM layer of its own whose (scale, shift) is added to the block's ``s`` FiLM output.
 
     :meth:`init_from` copies a teacher backbone ``F(x, s)`` and zeroes the weights that read ``t`` (the
     input columns, or the last layer of each per-block ``t`` FiLM), so the student starts *exactly* at the
@@ -129,8 +145,9 @@ class TwoTimeNet(nn.Module):
                 raise ValueError("target_time_input='blocks' needs the 'unet' backbone on images (C, H, W); "
                                  f"got backbone {name or 'mlp'!r} on data of shape {list(self.data_shape)}: "
                                  "use target_time_input='input'")
-            self.net = build_backbone(spec, self.data_shape, self.data_shape)
-            self._add_block_films()
+            two_time = {**(dict(spec) if isinstance(spec, Mapping) else {"name": "unet"}),
+                        "second_time": True, "second_time_features": self.t_features}
+            self.net = build_backbone(two_time, self.data_shape, self.data_shape)
             return
         if len(self.data_shape) == 1:
             in_shape: tuple[int, ...] = (self.data_shape[0] + self.t_features,)
@@ -139,41 +156,18 @@ class TwoTimeNet(nn.Module):
         self.t_embed = SinusoidalTimeEmbedding(self.t_features)
         self.net = build_backbone(spec, in_shape, self.data_shape)
 
-    def _add_block_films(self) -> None:
-        """The ``blocks`` layers: a ``t`` embedding MLP and, per FiLM-conditioned block, a zero-initialised
-        ``SiLU -> Linear`` whose output is added (by a forward hook) to that block's ``s`` FiLM output."""
-        films = [m.film for m in self.net.modules() if isinstance(m, ResBlock) and m.film is not None]
-        if not films:
-            raise ValueError("target_time_input='blocks' needs a time-conditioned UNet (time_dim > 0)")
-        dim = films[0][-1].in_features
-        self.t_embed = nn.Sequential(SinusoidalTimeEmbedding(self.t_features), nn.Linear(self.t_features, dim),
-                                     nn.SiLU(), nn.Linear(dim, dim))
-        self.t_films = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(dim, f[-1].out_features)) for f in films)
-        self._zero_target_weights()
-        self._target_emb: Tensor | None = None
-        for film, extra in zip(films, self.t_films):
-            film.register_forward_hook(functools.partial(self._add_target_film, extra))
+    def _is_target_key(self, key: str) -> bool:
+        """Whether a key of ``self.net`` belongs to the layers that read the target time (``blocks``)."""
+        return self.target_time_input == "blocks" and UNet.is_second_time_key(key)
 
-    def _add_target_film(self, extra: nn.Module, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        if self._target_emb is None:
-            raise RuntimeError("TwoTimeNet: the UNet ran without a target time; call the TwoTimeNet, not its .net")
-        return output + extra(self._target_emb)
-
-    @torch.no_grad()
     def _zero_target_weights(self) -> None:
-        for film in getattr(self, "t_films", []):
-            nn.init.zeros_(film[-1].weight)
-            nn.init.zeros_(film[-1].bias)
+        if self.target_time_input == "blocks":
+            self.net.zero_second_time_films()
 
     def forward(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
-        t_batch = as_batch_time(t, len(x), like=x)
-        if self.target_time_input == "blocks":
-            self._target_emb = self.t_embed(t_batch).to(x.dtype)
-            try:
-                return self.net(x, as_batch_time(s, len(x), like=x))
-            finally:
-                self._target_emb = None
-        feats = self.t_embed(t_batch).to(x.dtype)
+        if self.target_time_input == "blocks":  # the UNet's second time is the target time
+            return self.net(x, as_batch_time(s, len(x), like=x), as_batch_time(t, len(x), like=x))
+        feats = self.t_embed(as_batch_time(t, len(x), like=x)).to(x.dtype)
         if x.dim() == 4:
             feats = feats[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         return self.net(torch.cat([x, feats], dim=1), as_batch_time(s, len(x), like=x))
@@ -191,8 +185,8 @@ class TwoTimeNet(nn.Module):
 
     def check_compatible(self, teacher_net: nn.Module) -> None:
         """Raise ``ValueError`` unless :meth:`init_from` can copy ``teacher_net``."""
-        mine, theirs = self.net.state_dict(), teacher_net.state_dict()
-        problem = None
+        mine = {k: v for k, v in self.net.state_dict().items() if not self._is_target_key(k)}
+        theirs, problem = teacher_net.state_dict(), None
         if set(mine) != set(theirs):
             problem = f"different layers ({sorted(set(mine) ^ set(theirs))[:4]} ...)"
         else:
@@ -210,6 +204,8 @@ class TwoTimeNet(nn.Module):
         self.check_compatible(teacher_net)
         theirs = teacher_net.state_dict()
         for key, value in self.net.state_dict().items():
+            if self._is_target_key(key):
+                continue  # the target-time layers: the embedding keeps its init, the FiLMs are zeroed below
             src = theirs[key].to(value)
             at = self._widened(value, src)
             if at is None:

@@ -27,7 +27,8 @@ Proposals: ``mc`` (i.i.d. prior draws) and ``qmc`` (scrambled Sobol points throu
 one anchor set shared by the minibatch, drawn fresh every step. ``map_laplace`` adds per data point draws
 from the Laplace approximation ``N(u*, H^-1)`` at the MAP latent (``H = I + J^T J / sigma^2``) to the shared
 prior anchors, weighted as a defensive mixture (see :meth:`MAGT.posterior_mean`).
-Intrinsic densities and projections: :mod:`onestep.generators.magt_density`.
+Intrinsic densities and projections: :mod:`onestep.generators.magt_density`. Training in an autoencoder's
+latent space (spec #8, ``latent_space=True``): :class:`onestep.generators.magt_latent.LatentMAGT`.
 
 Standardisation (spec section 2 and #9). The loss runs on ``x_s = (x - mu) / s``, with ``mu`` and ``s``
 estimated from the training data when fitting starts and kept in buffers (they travel with checkpoints);
