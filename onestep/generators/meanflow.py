@@ -93,6 +93,11 @@ class MeanFlow(OneStepGenerator):
         """``u(z, s, t)`` and its total derivative ``d/ds u = v . du/dz + du/ds`` (one JVP)."""
         return torch.func.jvp(self.average_velocity, (z, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
 
+    def identity_target(self, z: Tensor, v: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``u_theta(z, s, t)`` and the MeanFlow target ``sg[v + (t - s) d/ds u_theta]`` for velocity ``v`` at ``z``."""
+        u, du_ds = self.average_velocity_and_derivative(z, v, s, t)
+        return u, (v + time_column(t - s, v) * du_ds).detach()
+
     def draw_times(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(s, t)`` with ``s <= t``: logit-normal pairs, ``t = s`` outside a ``gap_fraction`` of the batch."""
         pair = torch.sigmoid(self.time_mean + self.time_std * torch.randn(2, n, device=device))
@@ -104,8 +109,7 @@ class MeanFlow(OneStepGenerator):
         x0 = torch.randn_like(x1)
         s, t = self.draw_times(len(x1), x1.device)
         z, v = PATH.interpolate(x0, x1, s), PATH.velocity_target(x0, x1, s)
-        u, du_ds = self.average_velocity_and_derivative(z, v, s, t)
-        target = (v + time_column(t - s, v) * du_ds).detach()
+        u, target = self.identity_target(z, v, s, t)
         error = (u - target).flatten(1).square().sum(1)
         weight = (error.detach() + self.weight_eps) ** -self.weight_power
         return (weight * error).mean(), {"mse": error.mean().detach() / x1[0].numel()}
