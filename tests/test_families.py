@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import REPO
-from onestep.cli import main
+from conftest import REPO, needs_mnist
+from onestep.cli import main, run_lightning
 from onestep.generators import IMLE, ConsistencyTraining, MeanFlow
 from onestep.generators.consistency import discretisation_levels, karras_sigmas, lognormal_level_weights, pseudo_huber
 from onestep.generators.imle import nearest_candidates
@@ -41,6 +41,19 @@ def test_each_family_learns_8gaussians_through_onestep_fit(family, tmp_path):
     result = json.loads(next(tmp_path.glob("*-8gaussians/version_0/eval.jsonl")).read_text().splitlines()[-1])
     assert result["step"] == 300
     assert result["metrics"]["eval/w2"] < bound, result["metrics"]["eval/w2"]
+
+
+@needs_mnist
+@pytest.mark.parametrize("family", sorted(FITS))
+def test_each_image_config_trains_one_step_and_samples_on_mnist(family, tmp_path):
+    args = ["--config", str(REPO / "configs" / family / "image.yaml"), "--data.dataset", "mnist",
+            "--trainer.max_steps", "1", "--out_dir", str(tmp_path), "--eval.every_n_steps", "0", "--eval.at_end",
+            "false", "--data.n_train", "64", "--data.batch_size", "8", *QUIET]
+    cli = run_lightning(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    samples = cli.model.sample(3)
+    assert samples.shape == (3, 1, 28, 28) and torch.isfinite(samples).all()
 
 
 # ---------------------------------------------------------------------------------------- consistency training
