@@ -2,9 +2,12 @@
 
 from onestep.generators.base import OneStepGenerator
 from onestep.generators.characteristic import CharacteristicGenerator
+from onestep.generators.consistency import ConsistencyTraining
 from onestep.generators.flow_matching import FlowMatching
+from onestep.generators.imle import IMLE
 from onestep.generators.lmppm import LMPPM
 from onestep.generators.magt import MAGT
+from onestep.generators.meanflow import MeanFlow
 from onestep.generators.otnfm import OTNFM
 
 #: the shipped methods by config name (``configs/<name>/``); the contract test (tests/test_contract.py)
@@ -15,6 +18,11 @@ GENERATORS: dict[str, type[OneStepGenerator]] = {
     "magt": MAGT,
     "characteristic": CharacteristicGenerator,
     "lmppm": LMPPM,
+    # the established one-step families, for comparison (issue 14)
+    "imle": IMLE,
+    "consistency": ConsistencyTraining,
+    "meanflow": MeanFlow,
 }
 
-__all__ = ["OneStepGenerator", "CharacteristicGenerator", "FlowMatching", "LMPPM", "MAGT", "OTNFM", "GENERATORS"]
+__all__ = ["OneStepGenerator", "CharacteristicGenerator", "ConsistencyTraining", "FlowMatching", "IMLE", "LMPPM", "MAGT",
+           "MeanFlow", "OTNFM", "GENERATORS"]
