@@ -409,6 +409,9 @@ def test_image_generator_is_one_decoder_pass():
     ({"n_anchors": 0}, "n_anchors"), ({"latent_dim": 0}, "latent_dim"), ({"latent_dim": 1.5}, "latent_dim"),
     ({"proposal": "sobol"}, "proposal"), ({"loss_weight": "mean"}, "loss_weight"), ({"n_noise": 0}, "n_noise"),
     ({"standardize": "zscore"}, "standardize"), ({"laplace_fallback_ess": -1.0}, "laplace_fallback_ess"),
+    ({"sigma": 0.2, "sigma_max": 0.2}, "sigma_max"), ({"sigma_max": -1.0}, "sigma_max"),
+    ({"sigma_max": 1.0, "proposal": "map_laplace"}, "sigma_max"),
+    ({"sigma_max": 1.0, "laplace_fallback_ess": 5.0}, "sigma_max"),
 ])
 def test_bad_configuration_raises_a_clear_error(kwargs, option):
     with pytest.raises(ValueError, match=option):
@@ -418,3 +421,45 @@ def test_bad_configuration_raises_a_clear_error(kwargs, option):
 def test_tau_is_converted_to_the_additive_level():
     assert MAGT(data_shape=(2,), tau=0.4).sigma == pytest.approx(1.5)
     assert MAGT(data_shape=(2,)).sigma == pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------------- several levels
+def test_levels_are_log_uniform_between_sigma_and_sigma_max():
+    model = MAGT(data_shape=(2,), sigma=0.1, sigma_max=1.0)
+    torch.manual_seed(0)
+    levels = model.draw_levels(20_000)
+    assert levels.shape == (20_000, 1) and 0.1 <= float(levels.min()) and float(levels.max()) <= 1.0
+    # log-uniform: the median is the geometric mean and each decade-half holds half of the draws
+    assert float(levels.median()) == pytest.approx(math.sqrt(0.1), rel=0.03)
+    assert MAGT(data_shape=(2,), sigma=0.1).draw_levels(5) == 0.1
+
+
+class TwoPointMap(nn.Module):
+    """``g(u) = tanh((u - c) / 0.05)``: two points, -1 with mass Phi(c) and +1 with mass 1 - Phi(c)."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(c))
+
+    def forward(self, u):
+        return torch.tanh((u - self.c) / 0.05)
+
+
+def imbalance_cost(**kwargs) -> float:
+    """Mean relative loss increase, over 4 seeds, when the map puts 69% of its mass at -1 (c = 0.5) instead
+    of 50% (c = 0), on equal-mass data at -1 and +1 (the same noise, levels and anchors for both maps)."""
+    def loss(seed: int, c: float) -> float:
+        model = MAGT(data_shape=(1,), latent_dim=1, standardize="none", n_anchors=2048, **kwargs)
+        model.net = TwoPointMap(c)
+        torch.manual_seed(seed)
+        x = torch.cat([torch.full((4096, 1), -1.0), torch.full((4096, 1), 1.0)])
+        with torch.no_grad():
+            return float(model.loss(x, None)[0])
+    return sum(loss(seed, 0.5) / loss(seed, 0.0) - 1 for seed in range(4)) / 4
+
+
+def test_one_small_level_is_blind_to_mode_mass_and_several_levels_see_it():
+    # the reason for sigma_max: at one level far below the gap the wrong mass costs nothing (measured
+    # -0.08 +- 0.09 over seeds), so nothing pulls the mass back; with levels up to the gap it costs +12%
+    assert imbalance_cost(sigma=0.05) < 0.02
+    assert imbalance_cost(sigma=0.05, sigma_max=1.0) > 0.06
