@@ -3,6 +3,7 @@
 from onestep.generators.base import OneStepGenerator
 from onestep.generators.characteristic import CharacteristicGenerator
 from onestep.generators.flow_matching import FlowMatching
+from onestep.generators.gan import GAN
 from onestep.generators.lmppm import LMPPM
 from onestep.generators.magt import MAGT
 from onestep.generators.otnfm import OTNFM
@@ -15,6 +16,7 @@ GENERATORS: dict[str, type[OneStepGenerator]] = {
     "magt": MAGT,
     "characteristic": CharacteristicGenerator,
     "lmppm": LMPPM,
+    "gan": GAN,
 }
 
-__all__ = ["OneStepGenerator", "CharacteristicGenerator", "FlowMatching", "LMPPM", "MAGT", "OTNFM", "GENERATORS"]
+__all__ = ["OneStepGenerator", "CharacteristicGenerator", "FlowMatching", "GAN", "LMPPM", "MAGT", "OTNFM", "GENERATORS"]
