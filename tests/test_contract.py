@@ -42,6 +42,9 @@ TINY = {
               "image": {"latent_dim": 4, "steps": 2, "ae_steps": 100, "distance_net": {"name": "mlp", "hidden": [8]},
                         "encoder": {"name": "conv_encoder", "base_channels": 4},
                         "decoder": {"name": "conv_decoder", "base_channels": 4}}},
+    "gan": {"vector": {"backbone": MLP, "discriminator": MLP},
+            "image": {"backbone": {"name": "conv_decoder", "base_channels": 4}, "latent_dim": 4,
+                      "discriminator": {"name": "conv_encoder", "base_channels": 4}}},
 }
 #: what ``on_fit_start`` does with the training data, for methods that need it before their first loss
 FIT_START = {"magt": lambda model, x: model.fit_standardization(x)}
