@@ -119,13 +119,15 @@ def test_onestep_evaluate_refuses_a_checkpoint_whose_ema_was_never_updated(tmp_p
 
 
 def test_ema_decay_zero_samples_the_live_weights_and_checkpoints_them(tmp_path):
+    torch.manual_seed(0)
     model = MomentMatcher(use_helpers=False, lr=0.05, ema_decay=0.0)  # no ema_update(): nothing stale is read
     callback = evaluation()
-    fit_quietly(model, toy_data(), 10, callbacks=[callback], default_root_dir=tmp_path)
+    trainer = fit_quietly(model, toy_data(), 20, callbacks=[callback], default_root_dir=tmp_path)
     g = torch.Generator().manual_seed(1)
     live = model.sample(64, generator=g, use_ema=False)
     assert torch.equal(model.sample(64, generator=torch.Generator().manual_seed(1)), live)
-    assert callback.final_metrics["eval/w2"] < 4.5
+    start = callback.compute_metrics(trainer, MomentMatcher())[0]["eval/w2"]  # the initial weights' score
+    assert callback.final_metrics["eval/w2"] < start - 0.3, (start, callback.final_metrics["eval/w2"])
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     assert torch.equal(checkpoint["ema"]["scale"], model.scale.detach())
