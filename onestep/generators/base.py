@@ -117,8 +117,8 @@ class OneStepGenerator(L.LightningModule):
         self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self._ema: dict[str, Tensor] | None = None
-        #: EMA updates since the model was built or its checkpoint loaded (None: a checkpoint that predates
-        #: the count, so a stale EMA cannot be told apart)
+        #: EMA updates over the run, carried by checkpoints (None after loading a checkpoint that predates the
+        #: count: a stale EMA cannot be told apart there, so it is not refused)
         self._ema_updates: int | None = 0
 
     # ------------------------------------------------------------------ to implement
