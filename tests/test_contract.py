@@ -42,6 +42,9 @@ TINY = {
               "image": {"latent_dim": 4, "steps": 2, "ae_steps": 100, "distance_net": {"name": "mlp", "hidden": [8]},
                         "encoder": {"name": "conv_encoder", "base_channels": 4},
                         "decoder": {"name": "conv_decoder", "base_channels": 4}}},
+    "gan": {"vector": {"backbone": MLP, "discriminator": MLP},
+            "image": {"backbone": {"name": "conv_decoder", "base_channels": 4}, "latent_dim": 4,
+                      "discriminator": {"name": "conv_encoder", "base_channels": 4}}},
     # IMLE's generator takes no time: a UNet without a time embedding
     "imle": {"vector": {"backbone": MLP, "candidates": 4, "search_chunk": 50},
              "image": {"backbone": {k: v for k, v in UNET.items() if k != "time_dim"}, "candidates": 2}},

@@ -33,6 +33,7 @@ CharacteristicGenerator = _optional("characteristic", "CharacteristicGenerator")
 MAGT = _optional("magt", "MAGT")
 LatentMAGT = _optional("magt_latent", "LatentMAGT")
 LMPPM = _optional("lmppm", "LMPPM")
+GAN = _optional("gan", "GAN")
 
 METHODS = {
     "flow_matching-independent": lambda shape: FlowMatching(data_shape=shape, backbone=TINY, coupling="independent",
@@ -53,8 +54,11 @@ METHODS = {
     "magt-latent": lambda shape: LatentMAGT(data_shape=shape, code_dim=2, latent_dim=1, ae_steps=4, n_anchors=32,
                                             ema_decay=0.9, backbone=TINY, encoder={"name": "mlp", "hidden": [16]},
                                             decoder={"name": "mlp", "hidden": [16]}),
+    # manual optimisation: two optimisers and schedules, only the generator's steps count
+    "gan": lambda shape: GAN(data_shape=shape, backbone=TINY, ema_decay=0.9, warmup_steps=3, lr_schedule="cosine"),
 }
-AVAILABLE = {"characteristic-stage2": CharacteristicGenerator, "magt": MAGT, "lmppm": LMPPM, "magt-latent": LatentMAGT}
+AVAILABLE = {"characteristic-stage2": CharacteristicGenerator, "magt": MAGT, "lmppm": LMPPM, "magt-latent": LatentMAGT,
+             "gan": GAN}
 
 
 class StopAt(Callback):
@@ -96,12 +100,16 @@ def fit(model, dm, steps: int, root, ckpt_path=None, every: int | None = None, s
 
 
 def training_state(trainer, model) -> dict[str, torch.Tensor]:
-    """Parameters, buffers (the online bank), EMA and optimiser moments."""
+    """Parameters, buffers (the online bank), EMA, every optimiser's moments and learning rate, the step counter
+    and the EMA update count."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({f"ema.{k}": v for k, v in model._ema.items()})
-    for key, entry in trainer.optimizers[0].state_dict()["state"].items():
-        state.update({f"optim.{key}.{k}": v for k, v in entry.items() if torch.is_tensor(v)})
-    state["lr"] = torch.tensor(trainer.optimizers[0].param_groups[0]["lr"])
+    for i, optimizer in enumerate(trainer.optimizers):
+        for key, entry in optimizer.state_dict()["state"].items():
+            state.update({f"optim{i}.{key}.{k}": v for k, v in entry.items() if torch.is_tensor(v)})
+        state[f"lr{i}"] = torch.tensor(optimizer.param_groups[0]["lr"])
+    state["global_step"] = torch.tensor(trainer.global_step)
+    state["ema_updates"] = torch.tensor(model._ema_updates)
     return state
 
 

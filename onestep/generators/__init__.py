@@ -4,6 +4,7 @@ from onestep.generators.base import OneStepGenerator
 from onestep.generators.characteristic import CharacteristicGenerator
 from onestep.generators.consistency import ConsistencyTraining
 from onestep.generators.flow_matching import FlowMatching
+from onestep.generators.gan import GAN
 from onestep.generators.imle import IMLE
 from onestep.generators.lmppm import LMPPM
 from onestep.generators.magt import MAGT
@@ -18,11 +19,12 @@ GENERATORS: dict[str, type[OneStepGenerator]] = {
     "magt": MAGT,
     "characteristic": CharacteristicGenerator,
     "lmppm": LMPPM,
+    "gan": GAN,
     # the established one-step families, for comparison (issue 14)
     "imle": IMLE,
     "consistency": ConsistencyTraining,
     "meanflow": MeanFlow,
 }
 
-__all__ = ["OneStepGenerator", "CharacteristicGenerator", "ConsistencyTraining", "FlowMatching", "IMLE", "LMPPM", "MAGT",
-           "MeanFlow", "OTNFM", "GENERATORS"]
+__all__ = ["OneStepGenerator", "CharacteristicGenerator", "ConsistencyTraining", "FlowMatching", "GAN", "IMLE", "LMPPM",
+           "MAGT", "MeanFlow", "OTNFM", "GENERATORS"]

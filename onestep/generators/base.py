@@ -18,6 +18,16 @@ Range(ge=0, lt=1)]``; see :mod:`onestep.options`). A plugin writes by hand only 
 options together (``t_min < t_max``), with :func:`_check`; errors are one-line ``ValueError`` naming the
 option, the value and what is allowed.
 
+Several optimisers (manual optimisation). A plugin that sets ``self.automatic_optimization = False`` returns
+its optimisers from ``configure_optimizers``, the generator's **first** (build them with
+:meth:`make_optimizer` / :meth:`make_scheduler` to get the base's AdamW and learning-rate schedule), and
+in ``training_step`` updates the other networks with :meth:`clip_and_step` and the generator with
+:meth:`generator_step` (backward, clipping to ``grad_clip``, step, every schedule advanced once, then
+:meth:`ema_update`). Only the generator optimiser's steps advance ``global_step``, so ``trainer.max_steps``,
+the schedules, the EMA warm-up, evaluation and checkpoint intervals all count generator updates (see
+:meth:`optimizers`). A plugin that steps the generator itself must call :meth:`ema_update` after it;
+evaluating an EMA that was never updated is refused (:meth:`check_ema_updated`).
+
 Resumable plugins. A checkpoint restores the parameters and buffers (``state_dict``), the EMA, optimiser,
 scheduler, loop progress, data-loader position and every rank's RNG states (:meth:`configure_callbacks`
 adds :class:`~onestep.callbacks.reliability.ResumableRNG`, a NaN/inf guard and the preemption handler to
@@ -45,6 +55,10 @@ from onestep.options import Fraction, NonNegative, Positive, Range, check_option
 from onestep.options import conforms as _conforms  # noqa: F401 - kept importable from here
 
 LR_SCHEDULES = ("constant", "cosine")
+
+
+def _uncounted() -> None:
+    """Stands in for Lightning's step-counting hooks on an optimiser whose steps do not count."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -103,6 +117,9 @@ class OneStepGenerator(L.LightningModule):
         self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self._ema: dict[str, Tensor] | None = None
+        #: EMA updates over the run, carried by checkpoints (None after loading a checkpoint that predates the
+        #: count: a stale EMA cannot be told apart there, so it is not refused)
+        self._ema_updates: int | None = 0
 
     # ------------------------------------------------------------------ to implement
     def loss(self, x: Tensor, idx: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
@@ -133,9 +150,17 @@ class OneStepGenerator(L.LightningModule):
             self.log(f"train/{key}", value)
         return loss
 
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+    def make_optimizer(self, params: Any, lr: float | None = None, betas: Sequence[float] | None = None,
+                       weight_decay: float | None = None) -> torch.optim.Optimizer:
+        """The base's AdamW over ``params`` (``lr``, ``betas``, ``weight_decay`` default to the options)."""
+        return torch.optim.AdamW(params, lr=self.lr if lr is None else lr,
+                                 betas=self.betas if betas is None else tuple(betas),
+                                 weight_decay=self.weight_decay if weight_decay is None else weight_decay)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """The base's learning-rate factor as a function of the training step ``k`` (generator updates):
+        linear warm-up ``min(1, (k + 1) / warmup_steps)``, then constant or a cosine decay to 0 at
+        ``trainer.max_steps``."""
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
 
         def factor(step: int) -> float:
@@ -145,7 +170,11 @@ class OneStepGenerator(L.LightningModule):
                 return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
             return warm
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
+        scheduler = self.make_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -180,6 +209,12 @@ class OneStepGenerator(L.LightningModule):
         self._ensure_ema()
 
     def on_fit_start(self) -> None:
+        if not self.automatic_optimization and "configure_optimizers" in vars(self):
+            # LightningCLI's --optimizer/--lr_scheduler put one optimiser over all parameters in place
+            raise ValueError(f"--optimizer/--lr_scheduler replace configure_optimizers with one optimiser over all "
+                             f"parameters, but {type(self).__name__} trains with its own optimisers (manual "
+                             "optimisation): leave --optimizer/--lr_scheduler out and set model.init_args.lr, "
+                             "betas, warmup_steps and lr_schedule")
         ema = self._ensure_ema()
         for name, p in self.named_parameters():
             if name in ema:
@@ -194,7 +229,14 @@ class OneStepGenerator(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # The EMA is updated here, not in on_train_batch_end: that hook runs after the callbacks', so a
         # checkpoint or an evaluation at step k would otherwise see the EMA of step k - 1.
-        decay = self.ema_decay_at(self.global_step + 1)  # global_step counts steps before this one
+        self.ema_update(self.global_step + 1)  # global_step counts steps before this one
+
+    def ema_update(self, step: int | None = None) -> None:
+        """Move the EMA towards the current weights: ``ema <- decay * ema + (1 - decay) * w`` with
+        ``decay = ema_decay_at(step)``. Automatic optimisation calls it after every optimiser step; a
+        manual-optimisation plugin calls it after each generator step (:meth:`generator_step` does).
+        ``step`` defaults to ``global_step``, i.e. the steps done including the one just taken."""
+        decay = self.ema_decay_at(self.global_step if step is None else step)
         ema = self._ensure_ema()
         with torch.no_grad():
             for name, p in self._trainable().items():
@@ -202,6 +244,53 @@ class OneStepGenerator(L.LightningModule):
                     ema[name] = p.detach().clone()
                 else:
                     ema[name].lerp_(p.detach(), 1.0 - decay)
+        if self._ema_updates is not None:
+            self._ema_updates += 1
+
+    def averages_weights(self) -> bool:
+        """Whether sampling uses the EMA copy; with ``ema_decay = 0`` it uses the live weights."""
+        return self.ema_decay > 0
+
+    def check_ema_updated(self) -> None:
+        """Refuse to score an EMA that training never updated (a manual plugin without ``ema_update``):
+        it still holds the initial weights, and every evaluation would report the same wrong number."""
+        if self.averages_weights() and self._ema_updates == 0 and self.global_step > 0:
+            raise ValueError(
+                f"{type(self).__name__}: the EMA weights were never updated in {self.global_step} training steps "
+                f"(ema_decay={self.ema_decay}), so sampling would use the initial weights; call self.ema_update() "
+                "after each generator step (self.generator_step(loss) does), or set ema_decay: 0 to sample the "
+                "live weights")
+
+    # ------------------------------------------------------------------ manual optimisation
+    def optimizers(self, use_pl_optimizer: bool = True) -> Any:
+        """Lightning's optimisers. Under manual optimisation with several optimisers only the first's (the
+        generator's) steps are counted by Lightning's progress tracking (``optim_step_progress``, which is
+        ``global_step``): the others' ``step()`` keeps the strategy and precision path but skips the count,
+        so ``trainer.max_steps`` and every interval count generator updates."""
+        opts = super().optimizers(use_pl_optimizer)
+        if use_pl_optimizer and not self.automatic_optimization and isinstance(opts, list):
+            for other in opts[1:]:
+                other._on_before_step = other._on_after_step = _uncounted
+        return opts
+
+    def clip_and_step(self, optimizer: Any, loss: Tensor) -> None:
+        """One update of ``optimizer``'s parameters on ``loss``: zero the gradients, ``manual_backward``,
+        clip the global gradient norm to ``grad_clip`` (0: no clipping), step."""
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def generator_step(self, loss: Tensor) -> None:
+        """The generator's update (one training step): :meth:`clip_and_step` on the first optimiser, every
+        learning-rate schedule advanced once (all schedules run in training steps), then :meth:`ema_update`."""
+        opts = self.optimizers()
+        self.clip_and_step(opts[0] if isinstance(opts, list) else opts, loss)
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+        self.ema_update()
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -209,11 +298,13 @@ class OneStepGenerator(L.LightningModule):
 
         The swap exchanges tensor storage (``param.data``) with the EMA tensors instead of copying, so it
         costs nothing per call; the swap back restores the training weights bit for bit. Nested use is a
-        no-op (the EMA weights are already in).
+        no-op (the EMA weights are already in), and so is the block with ``ema_decay = 0`` (the live weights are
+        sampled; no stale copy is read).
         """
-        if getattr(self, "_ema_swapped", False):
-            yield
+        if getattr(self, "_ema_swapped", False) or not self.averages_weights():
+            yield  # nested, or ema_decay = 0: the live weights are the sampled ones
             return
+        self.check_ema_updated()
         ema = self._ensure_ema()
         params = dict(self.named_parameters())
         names = [name for name in ema if name in params]
@@ -234,11 +325,15 @@ class OneStepGenerator(L.LightningModule):
             self._ema_swapped = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ema"] = {k: v.detach().cpu() for k, v in self._ensure_ema().items()}
+        # with ema_decay = 0 the sampled weights are the live ones: the checkpoint's "ema" holds them
+        ema = self._ensure_ema() if self.averages_weights() else self._trainable()
+        checkpoint["ema"] = {k: v.detach().cpu() for k, v in ema.items()}
+        checkpoint["ema_updates"] = self._ema_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ema" in checkpoint:
             self._ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
+        self._ema_updates = checkpoint.get("ema_updates")
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, generator: torch.Generator | None = None, use_ema: bool = True) -> Tensor:

@@ -80,6 +80,10 @@ class StagedTraining:
         self.advance_stage()
         return out
 
+    def averages_weights(self) -> bool:
+        """The current stage's EMA decay decides whether sampling uses the average or the live weights."""
+        return self.stage_ema_decay(int(self.stage)) > 0
+
     def ema_decay_at(self, step: int) -> float:
         """The base's EMA warm-up, counted from the start of the current stage."""
         local = step - self.stage_origin()
