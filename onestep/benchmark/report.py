@@ -29,6 +29,7 @@ import yaml
 from onestep.benchmark import figures as figs
 from onestep.benchmark.floor import floor_for, floor_key, load_floors
 from onestep.benchmark.records import RESULTS_FILE, describe_machine_short, latest_by_cell, read_records
+from onestep.benchmark.suite import import_suite_modules
 from onestep.benchmark.tables import (
     DIRECTION_NOTE,
     Table,
@@ -61,6 +62,7 @@ def _ordered(preferred: list, seen: list) -> list:
 def collect(out_dir: Path, with_floor: bool = True) -> dict[str, Any]:
     """Everything the report shows, as plain data (also what the W&B summary logs)."""
     suite = _load_yaml(out_dir / "suite.yaml")
+    import_suite_modules(suite.get("imports"))  # a user's datasets, for the floors and reference figures
     latest = list(latest_by_cell(read_records(out_dir / RESULTS_FILE)).values())
     if not latest:
         raise FileNotFoundError(f"{out_dir / RESULTS_FILE} has no finished cells; run onestep benchmark first")
