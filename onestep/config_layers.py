@@ -106,12 +106,14 @@ def load_method_config(directory: str | Path, dataset: str) -> dict[str, Any]:
 
 
 def _dataset_in(argv: list[str]) -> str | None:
+    """The last ``--data.dataset`` of ``argv`` (the one jsonargparse keeps), else None."""
+    found = None
     for i, arg in enumerate(argv):
         if arg == "--data.dataset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--data.dataset="):
-            return arg.split("=", 1)[1]
-    return None
+            found = argv[i + 1]
+        elif arg.startswith("--data.dataset="):
+            found = arg.split("=", 1)[1]
+    return found
 
 
 def expand_config_directories(argv: list[str]) -> list[str]:

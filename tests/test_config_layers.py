@@ -112,7 +112,8 @@ def test_a_broken_method_folder_is_one_clear_error(case, tmp_path, capsys):
     _, files, fragments = case
     folder = _folder(tmp_path, files)
     tiny = ["--trainer.max_steps", "1", "--eval.at_end", "false", "--trainer.enable_progress_bar", "false"]
-    assert main(["fit", "--config", str(folder), "--data.dataset", "8gaussians", "--out_dir", str(tmp_path), *tiny]) == 2
+    args = ["fit", "--config", str(folder), "--data.dataset", "8gaussians", "--out_dir", str(tmp_path), *tiny]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("onestep: error: --config") and len(err.splitlines()) == 1, err
     assert all(f in err for f in fragments), err

@@ -97,7 +97,7 @@ def resolve_dataset(spec: Any, option: str = "--data.dataset") -> DatasetSource:
     if _CLASS_PATH.match(spec):
         return DatasetSource(spec, "manifold", manifold=_import_manifold(spec, option))
     known = ", ".join([*MANIFOLDS, *IMAGE_DATASETS])
-    raise ValueError(f"{option}={spec!r} is not a known dataset (known: {known}); {HOW_TO_ADD}")
+    raise ValueError(f"{option}={spec!r} is not a known dataset (known datasets: {known}); {HOW_TO_ADD}")
 
 
 def _import_manifold(spec: str, option: str) -> type[Manifold]:
