@@ -86,11 +86,11 @@ def _run_command(argv: list[str], from_sys: bool) -> int:
         from onestep.metrics.features import main_train_features
         main_train_features(argv[1:])
         return 0
-    argv = expand_config_directories(argv)  # --config <method folder>: its <kind>.yaml + <dataset>.yaml
-    if from_sys:
-        sys.argv[1:] = argv
-    check_config_files(argv)
-    cli = run_lightning(None if from_sys else argv)
+    # --config <method folder>: its <kind>.yaml + <dataset>.yaml; sys.argv keeps the user's own command (the
+    # resume hint repeats it; DDP workers re-run it and expand it again)
+    expanded = expand_config_directories(argv)
+    check_config_files(expanded)
+    cli = run_lightning(expanded)
     trainer = getattr(cli, "trainer", None)
     if trainer is not None and trainer.is_global_zero:
         # not trainer.log_dir: that is a collective (broadcast) and the other ranks have finished already
