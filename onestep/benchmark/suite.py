@@ -169,7 +169,7 @@ class MethodSpec:
             _fail("methods", f"name {self.name!r} must be a non-empty string of letters, digits and _.+=,-[] "
                   "(it names the run directory)")
         if (self.config is None) == (self.class_path is None):
-            _fail(where, "give exactly one of config (a YAML file or a directory with <dataset>.yaml) "
+            _fail(where, "give exactly one of config (a YAML file or a method folder with vector.yaml / image.yaml) "
                   "and class_path (my_pkg.module.MyGenerator)")
         if self.init_args and self.class_path is None:
             _fail(where, "init_args goes with class_path; with a config use overrides: {model.init_args.x: ...}")
