@@ -101,7 +101,7 @@ def _with_manifold(manifold: Manifold):
 def _train_and_score(method: str, config_set: str, manifold_key: str | None, steps: int) -> dict:
     torch.set_num_threads(1)
     patch = _with_manifold(EXTRA_MANIFOLDS[manifold_key]()) if manifold_key else None
-    model, dm, seconds = train(REPO / "configs" / method / f"{config_set}.yaml", steps, patch=patch)
+    model, dm, seconds = train(REPO / "configs" / method, steps, patch=patch, dataset=config_set)
     return {**score(model, dm), "train_seconds": round(seconds, 1)}
 
 
@@ -109,7 +109,7 @@ def _vonmises_numbers(steps: int) -> dict:
     """Spearman and log-density error of a MAGT trained on the von Mises circle in R^16."""
     torch.set_num_threads(1)
     manifold = EXTRA_MANIFOLDS["vonmises16"]()
-    model, dm, _ = train(REPO / "configs" / "magt" / "helix64.yaml", steps, patch=_with_manifold(manifold))
+    model, dm, _ = train(REPO / "configs" / "magt", steps, patch=_with_manifold(manifold), dataset="helix64")
     z = torch.randn(2000, 1, generator=torch.Generator().manual_seed(7))
     with model.ema_weights():
         logp_model = model.intrinsic_log_density(z).double()

@@ -1,4 +1,4 @@
-"""OT-NFM's headline claims, measured on the shipped configs (``configs/otnfm/<dataset>.yaml``).
+"""OT-NFM's headline claims, measured on the shipped configs (``configs/otnfm`` for each dataset).
 
 1. *Mean collapse*: with the independent coupling the L2-optimal one-step map is ``E[x1 | x0] = E[x1]``,
    so every sample sits at the data mean; a deterministic (OT) coupling avoids it. Measured as the ratio of
@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from common import CONFIG_DIR, model_section, import_object, save_result  # noqa: F401  (sets sys.path)
+from common import CONFIG_DIR, MethodConfig, import_object, model_section, save_result  # noqa: F401 (sys.path)
 from onestep.data import OneStepDataModule
 from onestep.metrics import wasserstein2
 
@@ -33,7 +33,7 @@ N_TRAIN = 4096  # the global coupling solves one N x N assignment: kept small, t
 
 def _train(dataset: str, coupling: str, steps: int, seed: int) -> tuple[torch.Tensor, OneStepDataModule]:
     """Train the shipped OT-NFM config of ``dataset`` with ``coupling``; return 2,000 one-step samples."""
-    class_path, init_args = model_section(CONFIG_DIR / "otnfm" / f"{dataset}.yaml")
+    class_path, init_args = model_section(MethodConfig(CONFIG_DIR / "otnfm", dataset))
     L.seed_everything(seed, verbose=False)
     dm = OneStepDataModule(dataset, batch_size=256, n_train=N_TRAIN, seed=0)
     model = import_object(class_path)(data_shape=dm.data_shape, **{**init_args, "coupling": coupling})
@@ -75,7 +75,7 @@ def measure(quick: bool = False, datasets: tuple[str, ...] = ("8gaussians", "moo
                       f"variance ratio {var[dataset][coupling][-1]:.3f}", flush=True)
         floors[dataset] = float(wasserstein2(dm.denormalize(dm.train_data[:N_EVAL]).float(), reference))
 
-    protocol = (f"configs/otnfm/<dataset>.yaml networks, {N_TRAIN} training points, {steps} steps at batch 256, "
+    protocol = (f"configs/otnfm networks, {N_TRAIN} training points, {steps} steps at batch 256, "
                 f"seeds {list(seeds)}, 1 NFE, "
                 f"exact W2 of {N_EVAL} EMA samples vs the first {N_EVAL} test points (raw units)")
     mean = statistics.fmean

@@ -1,9 +1,10 @@
 """Shared helpers of the performance benchmarks: method discovery, model building, timing, JSON output.
 
-Methods are discovered, not listed: every ``configs/<method>/<dataset>.yaml`` is a method (a plugin that
-lands with a config is benchmarked with no edit here). Models are built and briefly trained through the
-same LightningCLI as ``onestep fit`` (:func:`build_model`), so any state their sampler needs (noise or
-kernel banks, teachers, stages) exists; speed does not depend on how well they are trained.
+Methods are discovered, not listed: every method folder ``configs/<method>/`` with the default config of the
+dataset's kind (``vector.yaml`` or ``image.yaml``, layered with ``<dataset>.yaml`` when present) is a method
+(a plugin that lands with its configs is benchmarked with no edit here). Models are built and briefly
+trained through the same LightningCLI as ``onestep fit`` (:func:`build_model`), so any state their sampler
+needs (noise or kernel banks, teachers, stages) exists; speed does not depend on how well they are trained.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -26,6 +28,8 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 from onestep.benchmark.records import machine_info, package_versions  # noqa: E402
+from onestep.config_layers import load_method_config, method_config_files  # noqa: E402
+from onestep.data.sources import dataset_kind  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 CONFIG_DIR = REPO / "configs"
@@ -52,23 +56,46 @@ def import_object(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def discover_methods(dataset: str, only: list[str] | None = None) -> list[tuple[str, Path]]:
-    """``(method, config path)`` for every config directory holding ``<dataset>.yaml``."""
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method folder's config for one dataset (its kind's default plus the dataset's layer)."""
+
+    directory: Path
+    dataset: str
+
+    def cli_args(self) -> list[str]:
+        files = method_config_files(self.directory, self.dataset, f"config folder {self.directory}")
+        return [a for f in files for a in ("--config", str(f))] + [f"--data.dataset={self.dataset}"]
+
+    def load(self) -> dict[str, Any]:
+        return load_method_config(self.directory, self.dataset)
+
+    def __str__(self) -> str:
+        return f"{self.directory} ({self.dataset})"
+
+
+def discover_methods(dataset: str, only: list[str] | None = None) -> list[tuple[str, MethodConfig]]:
+    """``(method, config)`` for every method folder holding the default config of ``dataset``'s kind."""
     found = []
+    kind = dataset_kind(dataset)
     for directory in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "suites"):
-        path = directory / f"{dataset}.yaml"
-        if path.is_file() and (only is None or directory.name in only):
-            found.append((directory.name, path))
+        if (directory / f"{kind}.yaml").is_file() and (only is None or directory.name in only):
+            found.append((directory.name, MethodConfig(directory, dataset)))
     return found
 
 
-def model_section(config_path: Path) -> tuple[str, dict[str, Any]]:
-    config = yaml.safe_load(config_path.read_text())
+def config_args(config: MethodConfig | Path) -> list[str]:
+    """The ``onestep fit`` arguments that select ``config`` (a method folder's, or one full config file)."""
+    return config.cli_args() if isinstance(config, MethodConfig) else ["--config", str(config)]
+
+
+def model_section(config: MethodConfig | Path) -> tuple[str, dict[str, Any]]:
+    config = config.load() if isinstance(config, MethodConfig) else yaml.safe_load(Path(config).read_text())
     model = config["model"]
     return model["class_path"], dict(model.get("init_args") or {})
 
 
-def build_model(config_path: Path, data_shape: tuple[int, ...], device: torch.device,
+def build_model(config_path: MethodConfig | Path, data_shape: tuple[int, ...], device: torch.device,
                 train_steps: int = 10, **overrides: Any) -> torch.nn.Module:
     """The method of ``config_path``, briefly trained through the ``onestep fit`` machinery.
 
@@ -87,7 +114,7 @@ def build_model(config_path: Path, data_shape: tuple[int, ...], device: torch.de
     from onestep.cli import run_lightning
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["--config", str(config_path), f"--trainer.max_steps={train_steps}", "--eval.every_n_steps=null",
+        args = [*config_args(config_path), f"--trainer.max_steps={train_steps}", "--eval.every_n_steps=null",
                 "--eval.at_end=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                 f"--out_dir={tmp}", f"--trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"]
         args += [f"--model.init_args.{k}={json.dumps(v)}" for k, v in overrides.items()]

@@ -2,7 +2,7 @@
 
 Parts, in order (``--cpu``: the same on the CPU at smoke sizes):
 
-1. ``train``: every method of ``configs/<method>/mnist.yaml`` for ``--steps`` steps through ``onestep
+1. ``train``: every method folder ``configs/<method>`` on mnist for ``--steps`` steps through ``onestep
    benchmark`` (one suite, one seed) with ``--trainer.precision bf16-mixed``; steps/s per method from the
    cells' own training clocks (first steps, compilation and data loading included), plus each cell's final
    FD in the LeNet-MNIST space (a smoke number at this budget, not a result).
@@ -165,7 +165,8 @@ def main() -> None:
                                    if speed_file.exists() else []}
     save()
 
-    ddp = ["onestep", "fit", "--config", "configs/flow_matching/mnist.yaml", "--trainer.strategy", "ddp",
+    ddp = ["onestep", "fit", "--config", "configs/flow_matching", "--data.dataset", "mnist",
+           "--trainer.strategy", "ddp",
            "--trainer.max_steps", str(steps), "--eval.every_n_steps", "null",
            "--eval.n_samples", "128" if cpu else "2000", "--data.batch_size", "16" if cpu else "128",
            "--out_dir", str(out / "ddp"), "--run_name", "ddp", "--trainer.enable_progress_bar", "false"]

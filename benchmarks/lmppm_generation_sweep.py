@@ -1,7 +1,7 @@
 """LMPPM generation on toy sets: W2 against the data floor for the kernel step size and bandwidth annealing.
 
 Deterministic mean shift seeks modes (spec #11). One model per dataset is trained with its config
-(``configs/lmppm/<dataset>.yaml``, ``--steps`` optimiser steps, the stage switch at the config's fraction);
+(``configs/lmppm`` for the dataset, ``--steps`` optimiser steps, the stage switch at the config's fraction);
 since sampling options need no retraining, every ``(alpha, anneal_h)`` pair is then scored on the same
 checkpoint: W2 (exact, POT) of ``--n`` samples against the first ``--n`` test points, over the floor
 W2(first ``--n`` train points, the same test points).
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from onestep.config_layers import load_method_config  # noqa: E402
 from onestep.data import OneStepDataModule  # noqa: E402
 from onestep.generators.lmppm import LMPPM  # noqa: E402
 from onestep.metrics.wasserstein import wasserstein2  # noqa: E402
@@ -34,7 +34,7 @@ ANNEALS = (1.0, 3.0, 10.0)
 
 
 def sweep(dataset: str, steps: int, n: int, overrides: dict) -> dict:
-    config = yaml.safe_load((REPO / "configs" / "lmppm" / f"{dataset}.yaml").read_text())
+    config = load_method_config(REPO / "configs" / "lmppm", dataset)
     options = {**config["model"]["init_args"], **overrides}
     dm = OneStepDataModule(dataset, batch_size=config["data"].get("batch_size", 256), seed=0)
     dm.setup()

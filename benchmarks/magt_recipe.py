@@ -5,7 +5,7 @@ seed 0); W2 between 2,000 samples (EMA weights) and the first 2,000 test points,
 data floor is W2 between the first 2,000 validation and 2,000 test points; the off-manifold fraction
 (distance to the noiseless support > 0.1) and the mean distance on 10,000 samples. One thread.
 
-    .venv/bin/python benchmarks/magt_recipe.py --config configs/magt/8gaussians.yaml --steps 4000 \\
+    .venv/bin/python benchmarks/magt_recipe.py --config configs/magt --dataset 8gaussians --steps 4000 \\
         --set standardize=none --set sigma=0.5 [--data batch_size=1024]
 """
 
@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import import_object  # noqa: E402
+from onestep.config_layers import load_method_config  # noqa: E402
 from onestep.data import OneStepDataModule  # noqa: E402
 from onestep.metrics import wasserstein2  # noqa: E402
 
@@ -38,11 +39,16 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
 
 
 def train(config: str | Path, steps: int, model_overrides: dict[str, Any] | None = None,
-          data_overrides: dict[str, Any] | None = None, seed: int = 0, patch=None):
+          data_overrides: dict[str, Any] | None = None, seed: int = 0, patch=None, dataset: str | None = None):
     """``(model, datamodule, seconds)``: the config's model trained ``steps`` steps on its dataset (CPU).
 
-    ``patch(datamodule)`` may swap the datamodule's manifold before set-up (a set not in the registry)."""
-    cfg = yaml.safe_load(Path(config).read_text())
+    ``config``: a method folder (with ``dataset``: its kind's default plus the dataset's layer) or one full
+    config file. ``patch(datamodule)`` may swap the datamodule's manifold before set-up (a set not in the
+    registry)."""
+    if Path(config).is_dir():
+        cfg = load_method_config(config, dataset)
+    else:
+        cfg = yaml.safe_load(Path(config).read_text())
     data_args = {**cfg["data"], **(data_overrides or {})}
     L.seed_everything(seed, verbose=False)
     dm = OneStepDataModule(**data_args, seed=seed)
@@ -75,7 +81,8 @@ def score(model, dm: OneStepDataModule) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="a method folder (with --dataset) or a config file")
+    parser.add_argument("--dataset", default=None, help="the dataset of a method folder")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", help="model init_args override key=value (YAML value)")
@@ -84,8 +91,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_over, data_over = parse_assignments(args.set), parse_assignments(args.data)
-    model, dm, seconds = train(args.config, args.steps, model_over, data_over, args.seed)
-    row = {"tag": args.tag, "config": args.config, "steps": args.steps, "seed": args.seed, "set": model_over,
+    if Path(args.config).is_dir() and not args.dataset:
+        parser.error("--config is a method folder: give --dataset too")
+    model, dm, seconds = train(args.config, args.steps, model_over, data_over, args.seed, dataset=args.dataset)
+    row = {"tag": args.tag, "config": args.config, "dataset": args.dataset, "steps": args.steps, "seed": args.seed, "set": model_over,
            "data": data_over, "train_seconds": round(seconds, 1), **score(model, dm)}
     print(json.dumps(row), flush=True)
 

@@ -2,7 +2,7 @@ r"""OT-NFM one-step quality against its options: endpoint weighting ``p_t1`` and
 
 One-step sampling uses only ``phi(z, 1)``; ``p_t1`` (spec §1.5) sets that fraction of the training times
 to exactly ``t = 1``. This script trains :class:`onestep.generators.OTNFM` from
-``configs/otnfm/<dataset>.yaml`` plus a variant's overrides and scores exact W2 (raw units) between
+``configs/otnfm`` (for the dataset) plus a variant's overrides and scores exact W2 (raw units) between
 ``--n-samples`` one-step samples (seeded noise) and the first ``--n-samples`` test points, the protocol of
 ``benchmarks/reference_torchcfm.py`` (whose floor and torchcfm numbers it can be read against).
 
@@ -24,11 +24,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_torchcfm import REPO, data_reference_floor, locked_results, quiet, record_cell  # noqa: E402
 
+from onestep.config_layers import load_method_config  # noqa: E402
 from onestep.data import OneStepDataModule  # noqa: E402
 from onestep.generators import OTNFM  # noqa: E402
 from onestep.metrics import wasserstein2  # noqa: E402
@@ -47,7 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def init_args(dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    config = yaml.safe_load((REPO / "configs" / "otnfm" / f"{dataset}.yaml").read_text())
+    config = load_method_config(REPO / "configs" / "otnfm", dataset)
     return {**config["model"]["init_args"], **overrides}
 
 

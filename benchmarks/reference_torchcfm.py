@@ -11,7 +11,7 @@ SiLU units, and are scored by exact W2 (:func:`onestep.metrics.wasserstein2`, ra
   the batch, pairs *re-sampled* from the plan), ``v(x, t) = MLP([x, t])`` with the raw time concatenated,
   ``torch.optim.Adam(lr=1e-3)``, no EMA, no clipping: the recipe of torchcfm's 2-D examples.
 * ``onestep`` variants: :class:`onestep.generators.FlowMatching` built from
-  ``configs/flow_matching/<dataset>.yaml`` (plus the variant's overrides) and trained by a Lightning
+  ``configs/flow_matching`` for the dataset (plus the variant's overrides) and trained by a Lightning
   ``Trainer`` exactly as ``onestep fit`` trains it (EMA, clipping, pairing prefetch, AdamW, schedule).
 
 torchcfm is an optional, benchmark-only dependency (``pip install --no-deps torchcfm``; it needs POT,
@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +51,7 @@ if str(REPO) not in sys.path:
 
 import lightning as L  # noqa: E402
 
+from onestep.config_layers import load_method_config  # noqa: E402
 from onestep.data import OneStepDataModule  # noqa: E402
 from onestep.generators import FlowMatching  # noqa: E402
 from onestep.metrics import wasserstein2  # noqa: E402
@@ -86,7 +86,7 @@ def quiet() -> None:
 
 
 def config_of(dataset: str) -> dict[str, Any]:
-    return yaml.safe_load((REPO / "configs" / "flow_matching" / f"{dataset}.yaml").read_text())
+    return load_method_config(REPO / "configs" / "flow_matching", dataset)
 
 
 def euler(velocity, z: torch.Tensor, steps: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import defaultdict
 
-from common import base_parser, discover_methods, print_table, save_result, setup
+from common import base_parser, config_args, discover_methods, print_table, save_result, setup
 from lightning.pytorch import Callback
 
 from onestep.generators.base import OneStepGenerator
@@ -144,7 +144,7 @@ def run_method(name: str, config, steps: int, batch_size: int, warmup: int, extr
     from onestep.cli import run_lightning
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["--config", str(config), f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}",
+        args = [*config_args(config), f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}",
                 "--eval.every_n_steps=null", "--eval.at_end=false", "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false", f"--out_dir={tmp}", "--trainer.accelerator=cpu"]
         args += [f"--{item}" for item in extra]

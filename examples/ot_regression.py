@@ -3,7 +3,7 @@
 The generator ``x = f(z)`` is fitted to the exact OT pairing of each batch, ``||f(z_perm) - x||^2``
 (the endpoint-only special case of OT-NFM). Run it with no change to onestep:
 
-    PYTHONPATH=examples onestep fit --config configs/otnfm/8gaussians.yaml \
+    PYTHONPATH=examples onestep fit --config configs/otnfm --data.dataset 8gaussians \
         --model.class_path ot_regression.OTRegression --model.init_args.backbone '{name: mlp}'
 """
 

@@ -1,7 +1,9 @@
 """The ``onestep`` command.
 
-* ``onestep fit --config configs/<method>/<dataset>.yaml [--trainer.max_steps N ...]``: LightningCLI;
-  every option can be overridden on the command line, ``--print_config`` shows the result.
+* ``onestep fit --config configs/<method> --data.dataset <dataset> [--trainer.max_steps N ...]``: LightningCLI;
+  a method folder resolves to ``<kind>.yaml`` plus ``<dataset>.yaml`` when present (:mod:`onestep.config_layers`),
+  a ``--config FILE`` is read as it is; every option can be overridden on the command line, ``--print_config``
+  shows the result.
   ``--ckpt_path FILE`` resumes a checkpoint of the same model class, dataset and data shape (another is
   refused before training); ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run's versions.
 * ``onestep evaluate --ckpt_path FILE [--eval.*]``: the evaluation protocol on a checkpoint's EMA weights,
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from onestep.callbacks.progress import StepProgress
+from onestep.config_layers import expand_config_directories
 from onestep.errors import check_config_files, report_errors, take_debug_flag
 # `onestep fit` lives in onestep.fit; its names stay importable from here
 from onestep.fit import CHECKPOINT_EVERY, TRAINER_DEFAULTS, OneStepCLI, _check_max_steps, _plain_ddp, run_lightning
@@ -29,7 +32,7 @@ __all__ = ["CHECKPOINT_EVERY", "COMMANDS", "TRAINER_DEFAULTS", "OneStepCLI", "ma
 
 #: every subcommand with its one-line description (`onestep --help`)
 COMMANDS = {
-    "fit": "train one model: onestep fit --config configs/<method>/<dataset>.yaml [--trainer.* --model.* ...]",
+    "fit": "train one model: onestep fit --config configs/<method> --data.dataset DATASET [--trainer.* --model.* ...]",
     "evaluate": "score a checkpoint under the evaluation protocol: onestep evaluate --ckpt_path PATH [--eval.*]",
     "benchmark": "train and evaluate methods x datasets x seeds: onestep benchmark --suite SUITE.yaml",
     "report": "tables and figures of a benchmark directory: onestep report DIR",
@@ -83,8 +86,11 @@ def _run_command(argv: list[str], from_sys: bool) -> int:
         from onestep.metrics.features import main_train_features
         main_train_features(argv[1:])
         return 0
-    check_config_files(argv)
-    cli = run_lightning(None if from_sys else argv)
+    # --config <method folder>: its <kind>.yaml + <dataset>.yaml; sys.argv keeps the user's own command (the
+    # resume hint repeats it; DDP workers re-run it and expand it again)
+    expanded = expand_config_directories(argv)
+    check_config_files(expanded)
+    cli = run_lightning(expanded)
     trainer = getattr(cli, "trainer", None)
     if trainer is not None and trainer.is_global_zero:
         # not trainer.log_dir: that is a collective (broadcast) and the other ranks have finished already

@@ -197,7 +197,8 @@ def check_config_files(argv: list[str]) -> None:
         if not file.is_file():
             where = "is a folder" if file.is_dir() else "does not exist"
             raise FileNotFoundError(f"--config {path}: the file {where}; give a YAML file such as "
-                                    "configs/<method>/<dataset>.yaml")
+                                    "configs/<method>/vector.yaml, or a method folder (configs/<method>) with "
+                                    "--data.dataset")
         try:
             yaml.safe_load(file.read_text())
         except yaml.YAMLError as err:

@@ -19,6 +19,7 @@ from onestep.callbacks.loggers import make_loggers
 from onestep.callbacks.progress import add_progress_bar, quiet_lightning
 from onestep.callbacks.reliability import ExactCheckpoint, ResumableRNG
 from onestep.checkpoints import check_data_shape, check_fit_checkpoint, resolve_last
+from onestep.config_layers import expand_config_directories
 from onestep.data import OneStepDataModule
 from onestep.errors import check_writable_dir
 from onestep.generators import OneStepGenerator
@@ -111,11 +112,12 @@ class OneStepCLI(LightningCLI):
         add_progress_bar(kwargs, init.trainer, cfg.trainer.get("enable_progress_bar"))
         if cfg.trainer.get("logger") in (None, True):
             method = type(self.model).__name__.lower()
-            name = cfg.get("run_name") or f"{method}-{self.datamodule.dataset}"
+            label = getattr(self.datamodule, "dataset_label", self.datamodule.dataset)  # a file: its name
+            name = cfg.get("run_name") or f"{method}-{label}"
             kwargs["logger"] = make_loggers(
                 save_dir=cfg.get("out_dir", "runs"), name=name, wandb=cfg.get("wandb", False),
                 project=cfg.get("wandb_project", "onestep"), group=cfg.get("wandb_group"),
-                tags=[method, self.datamodule.dataset], config=cfg.as_dict())
+                tags=[method, label], config=cfg.as_dict())
         if getattr(self.model, "trains_in_stages", False) and _plain_ddp(cfg.trainer):
             # the parameters of the stage not being trained get no gradient; plain DDP stops on that
             kwargs["strategy"] = "ddp_find_unused_parameters_true"
@@ -151,6 +153,10 @@ class OneStepCLI(LightningCLI):
 
 
 def run_lightning(args: list[str] | None = None, run: bool = True) -> OneStepCLI:
+    """The CLI over ``args`` (None: ``sys.argv``, expanded by :func:`onestep.cli.main`); a ``--config <method
+    folder>`` in ``args`` becomes its ``<kind>.yaml`` and ``<dataset>.yaml`` (:mod:`onestep.config_layers`)."""
+    if isinstance(args, list):
+        args = expand_config_directories(args)
     return OneStepCLI(
         OneStepGenerator, OneStepDataModule, subclass_mode_model=True,
         trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args, run=run,

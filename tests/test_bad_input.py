@@ -27,13 +27,13 @@ CONFIGS = REPO / "configs"
 
 def fit(method: str = "otnfm", dataset: str = "8gaussians", *extra: str) -> list[str]:
     """A tiny ``onestep fit`` (64 points, 2 steps) that would train in a second if the input were good."""
-    return ["fit", "--config", str(CONFIGS / method / f"{dataset}.yaml"), "--trainer.max_steps", "2",
+    return ["fit", "--config", str(CONFIGS / method), "--data.dataset", dataset, "--trainer.max_steps", "2",
             "--data.n_train", "64", "--data.batch_size", "16", "--eval.n_samples", "64",
             "--eval.every_n_steps", "0", "--trainer.enable_progress_bar", "false", *extra]
 
 
 def fit_images(root: str, *extra: str) -> list[str]:
-    return ["fit", "--config", str(CONFIGS / "otnfm" / "mnist.yaml"), "--trainer.max_steps", "2",
+    return ["fit", "--config", str(CONFIGS / "otnfm"), "--data.dataset", "mnist", "--trainer.max_steps", "2",
             "--data.n_train", "8", "--data.batch_size", "4", "--data.n_val", "4", "--data.n_test", "4",
             "--eval.n_samples", "8", "--eval.every_n_steps", "0", "--data.root", root, *extra]
 
@@ -74,7 +74,8 @@ def bench(tmp: Path, *extra: str, **changes) -> list[str]:
 # (case id, argv builder (tmp_path -> argv), words the last line must hold: the option or file, and the fix)
 CASES = [
     # ------------------------------------------------------------------ data module
-    ("dataset-unknown", lambda t: fit("otnfm", "8gaussians", "--data.dataset", "nope"), ["dataset", "known datasets"]),
+    ("dataset-unknown", lambda t: fit("otnfm", "8gaussians", "--data.dataset", "nope"),
+     ["dataset", "is not a known dataset", "register_manifold"]),
     ("n_train-0", lambda t: fit("otnfm", "8gaussians", "--data.n_train", "0"), ["n_train", ">= 1"]),
     ("n_train-negative", lambda t: fit("otnfm", "8gaussians", "--data.n_train", "-5"), ["n_train", ">= 1"]),
     ("n_train-text", lambda t: fit("otnfm", "8gaussians", "--data.n_train", "many"), ["--data.n_train", "integer"]),
@@ -192,7 +193,8 @@ CASES = [
      ["none.pt", "onestep train-features"]),
     # ------------------------------------------------------------------ config files, output folder, top level
     ("config-missing", lambda t: ["fit", "--config", str(t / "missing.yaml")], ["missing.yaml", "configs/"]),
-    ("config-folder", lambda t: ["fit", "--config", str(CONFIGS / "otnfm")], ["otnfm", "is a folder"]),
+    ("config-folder", lambda t: ["fit", "--config", str(CONFIGS / "otnfm")], ["otnfm", "is a method folder",
+                                                                              "--data.dataset"]),
     ("config-yaml-syntax", lambda t: ["fit", "--config", write_yaml(t / "broken.yaml",
                                                                    "model:\n  init_args:\n    lr: [1, 2\n")],
      ["broken.yaml", "line", "not valid YAML"]),
@@ -211,7 +213,7 @@ CASES = [
     ("suite-missing", lambda t: ["benchmark", "--suite", str(t / "none.yaml")], ["none.yaml", "configs/suites"]),
     ("suite-yaml-syntax", lambda t: ["benchmark", "--suite", write_yaml(t / "s.yaml", "name: [x\n")],
      ["s.yaml", "not valid YAML"]),
-    ("suite-dataset-unknown", lambda t: bench(t, datasets=["mnist3d"]), ["datasets", "known datasets"]),
+    ("suite-dataset-unknown", lambda t: bench(t, datasets=["mnist3d"]), ["datasets", "is not a known dataset"]),
     ("suite-budget-0", lambda t: bench(t, budget={"max_steps": 0}), ["budget.max_steps", ">= 1"]),
     ("suite-budget-minutes", lambda t: bench(t, budget={"minutes": -1}), ["budget.minutes", "> 0"]),
     ("suite-budget-unknown-key", lambda t: bench(t, budget={"steps": 3}), ["budget", "max_steps"]),

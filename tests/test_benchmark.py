@@ -255,7 +255,7 @@ def _raw_suite(**changes):
     ({"budget": {}}, "give max_steps"),
     ({"budget": {"max_steps": 0}}, "budget.max_steps"),
     ({"budget": {"minutes": -1}}, "budget.minutes"),
-    ({"datasets": ["nope"]}, "unknown dataset 'nope'"),
+    ({"datasets": ["nope"]}, "'nope' is not a known dataset"),
     ({"seeds": [0, 0]}, "repeated seeds"),
     ({"eval": {"n_samples": 128, "bogus": 1}}, "eval.bogus"),
     ({"data": {"dataset": "mnist"}}, "data.dataset"),

@@ -12,7 +12,8 @@ from conftest import REPO, needs_mnist
 from onestep.cli import main, run_lightning
 
 QUIET = ["--trainer.enable_progress_bar", "false"]
-MNIST_CONFIGS = sorted(p for p in (REPO / "configs").glob("*/mnist.yaml") if p.parent.name != "suites")
+# every method folder with an image default (a method's mnist config is its image.yaml plus mnist.yaml if any)
+MNIST_CONFIGS = sorted(p.parent for p in (REPO / "configs").glob("*/image.yaml") if p.parent.name != "suites")
 
 
 def tiny_fit_args(config: Path, out: Path, steps: int = 1) -> list[str]:
@@ -21,9 +22,10 @@ def tiny_fit_args(config: Path, out: Path, steps: int = 1) -> list[str]:
 
 
 @needs_mnist
-@pytest.mark.parametrize("config", MNIST_CONFIGS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", MNIST_CONFIGS, ids=lambda p: p.name)
 def test_every_method_trains_one_step_and_samples_on_mnist(config, tmp_path):
-    cli = run_lightning(tiny_fit_args(config, tmp_path)[1:] + ["--data.n_train", "64", "--data.batch_size", "8"],
+    cli = run_lightning(tiny_fit_args(config, tmp_path)[1:] + ["--data.dataset", "mnist", "--data.n_train", "64",
+                                                               "--data.batch_size", "8"],
                         run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 1
@@ -32,7 +34,7 @@ def test_every_method_trains_one_step_and_samples_on_mnist(config, tmp_path):
 
 
 def test_fit_writes_eval_jsonl_and_prints_the_log_dir(tmp_path, capsys):
-    args = ["fit", "--config", str(REPO / "configs/otnfm/8gaussians.yaml"), "--trainer.max_steps", "30",
+    args = ["fit", "--config", str(REPO / "configs/otnfm"), "--data.dataset", "8gaussians", "--trainer.max_steps", "30",
             "--out_dir", str(tmp_path), "--eval.every_n_steps", "15", "--eval.n_samples", "256", *QUIET,
             "--model.init_args.backbone", "{name: mlp, hidden: [32, 32]}"]
     assert main(args) == 0
@@ -46,7 +48,8 @@ def test_fit_writes_eval_jsonl_and_prints_the_log_dir(tmp_path, capsys):
 
 def test_print_config_resolves_overrides():
     out = subprocess.run(
-        [sys.executable, "-m", "onestep.cli", "fit", "--config", str(REPO / "configs/flow_matching/moons2d.yaml"),
+        [sys.executable, "-m", "onestep.cli", "fit", "--config", str(REPO / "configs/flow_matching"),
+         "--data.dataset", "moons2d",
          "--model.init_args.steps", "7", "--data.batch_size", "64", "--print_config"],
         capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -60,7 +63,7 @@ def test_print_config_resolves_overrides():
 def test_a_plugin_outside_the_package_runs_through_the_cli(tmp_path, monkeypatch):
     """The README's one-file plugin: a class path outside `onestep`, no edit to onestep."""
     monkeypatch.syspath_prepend(str(REPO / "examples"))
-    args = ["fit", "--config", str(REPO / "configs/otnfm/8gaussians.yaml"), "--model.class_path",
+    args = ["fit", "--config", str(REPO / "configs/otnfm"), "--data.dataset", "8gaussians", "--model.class_path",
             "ot_regression.OTRegression", "--model.init_args.backbone", "{name: mlp, hidden: [64, 64]}",
             "--trainer.max_steps", "300", "--out_dir", str(tmp_path), "--eval.every_n_steps", "0",
             "--eval.n_samples", "1000", "--eval.pictures", "false", *QUIET]

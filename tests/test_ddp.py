@@ -82,7 +82,7 @@ def _finish(proc: subprocess.Popen, timeout: int = 300) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-FLOW_ARGS = ["fit", "--config", str(REPO / "configs/flow_matching/8gaussians.yaml"),
+FLOW_ARGS = ["fit", "--config", str(REPO / "configs/flow_matching"), "--data.dataset", "8gaussians",
              "--model.class_path", "test_ddp.KeyedFlowMatching", "--model.init_args.steps", "8",
              "--model.init_args.backbone", "{name: mlp, hidden: [32, 32]}", "--model.init_args.ema_decay", "0.9",
              "--model.init_args.lr", "3e-3",
@@ -98,7 +98,8 @@ def ddp_runs(tmp_path_factory):
     dump = root / "dump"
     dump.mkdir()
     flow = _start_cli(FLOW_ARGS + ["--out_dir", str(root / "flow"), "--data.batch_size", "32", *DDP])
-    bank = _start_cli(["fit", "--config", str(REPO / "configs/otnfm/8gaussians.yaml"), "--out_dir", str(root / "bank"),
+    bank = _start_cli(["fit", "--config", str(REPO / "configs/otnfm"),
+                       "--data.dataset", "8gaussians", "--out_dir", str(root / "bank"),
                        "--model.class_path", "test_ddp.BankReportingOTNFM", "--model.init_args.coupling", "online",
                        "--model.init_args.bank_slots", "2", "--model.init_args.backbone", "{name: mlp, hidden: [16]}",
                        "--data.n_train", "512", "--data.batch_size", "64", "--trainer.max_steps", "24",
@@ -173,11 +174,12 @@ def test_two_stage_plugins_train_under_plain_ddp(tmp_path):
     tiny = ["--trainer.max_steps", "8", "--data.n_train", "512", "--data.batch_size", "32", "--eval.n_samples", "256",
             "--eval.every_n_steps", "0", *DDP, *QUIET]
     runs = {
-        "characteristic": _start_cli(["fit", "--config", str(REPO / "configs/characteristic/8gaussians.yaml"),
+        "characteristic": _start_cli(["fit", "--config", str(REPO / "configs/characteristic"),
+                                      "--data.dataset", "8gaussians",
                                       "--model.init_args.teacher_steps", "4", "--model.init_args.grid_size", "8",
                                       "--model.init_args.backbone", "{name: mlp, hidden: [16]}",
                                       "--out_dir", str(tmp_path / "characteristic"), *tiny]),
-        "lmppm": _start_cli(["fit", "--config", str(REPO / "configs/lmppm/8gaussians.yaml"),
+        "lmppm": _start_cli(["fit", "--config", str(REPO / "configs/lmppm"), "--data.dataset", "8gaussians",
                              "--model.init_args.encoder", "{name: mlp, hidden: [16]}",
                              "--model.init_args.decoder", "{name: mlp, hidden: [16]}",
                              "--model.init_args.distance_net", "{name: mlp, hidden: [16]}",

@@ -32,7 +32,7 @@ STEPS, N = 4, 128
 
 
 def fit_args(method: str, out: Path, config: str = "8gaussians") -> list[str]:
-    return ["fit", "--config", str(REPO / f"configs/{method}/{config}.yaml"), *METHODS[method],
+    return ["fit", "--config", str(REPO / f"configs/{method}"), "--data.dataset", config, *METHODS[method],
             "--trainer.max_steps", str(STEPS), "--data.n_train", "512", "--data.batch_size", "64",
             "--eval.every_n_steps", "0", "--eval.n_samples", str(N), "--eval.w2_max_samples", str(N),
             "--eval.pictures", "false", "--trainer.enable_progress_bar", "false", "--out_dir", str(out)]

@@ -53,7 +53,8 @@ def params_of(model) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ NaN / inf
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, capsys):
-    args = ["fit", "--config", str(REPO / "configs/flow_matching/8gaussians.yaml"), "--out_dir", str(tmp_path),
+    args = ["fit", "--config", str(REPO / "configs/flow_matching"), "--data.dataset", "8gaussians",
+            "--out_dir", str(tmp_path),
             "--model.class_path", "test_faults.NaNFlowMatching", "--model.init_args.nan_from_step", "7",
             "--model.init_args.backbone", "{name: mlp, hidden: [16, 16]}", "--model.init_args.steps", "2",
             "--data.batch_size", "32", "--data.n_train", "256", "--trainer.max_steps", "20",
@@ -121,7 +122,7 @@ def test_sigusr1_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path)
 def test_sigterm_to_onestep_fit_checkpoints_and_the_run_resumes(tmp_path):
     """A real `onestep fit` process is sent SIGTERM mid-training; it writes last.ckpt and exits with 0, and
     the run resumed from that file ends where an uninterrupted run ends."""
-    args = ["fit", "--config", str(REPO / "configs/otnfm/8gaussians.yaml"), "--out_dir", str(tmp_path),
+    args = ["fit", "--config", str(REPO / "configs/otnfm"), "--data.dataset", "8gaussians", "--out_dir", str(tmp_path),
             "--model.init_args.backbone", "{name: mlp, hidden: [32, 32]}", "--model.init_args.coupling", "online",
             "--data.batch_size", "64", "--data.n_train", "512", *checkpoint_every(20), *QUIET]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -188,7 +189,8 @@ def test_corrupted_checkpoints_are_named_with_the_fix(good_checkpoint, tmp_path)
 def test_onestep_fit_refuses_a_truncated_checkpoint_before_training(good_checkpoint, tmp_path):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(good_checkpoint.read_bytes()[:-200])
-    args = ["fit", "--config", str(REPO / "configs/flow_matching/moons2d.yaml"), "--out_dir", str(tmp_path / "o"),
+    args = ["fit", "--config", str(REPO / "configs/flow_matching"), "--data.dataset", "moons2d",
+            "--out_dir", str(tmp_path / "o"),
             "--trainer.max_steps", "3", "--ckpt_path", str(broken), *QUIET, "--debug"]
     with pytest.raises(ValueError, match=rf"checkpoint {broken} .*truncated or corrupted.*earlier checkpoint"):
         main(args)

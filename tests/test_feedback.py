@@ -28,7 +28,7 @@ from onestep.callbacks.progress import Heartbeat, StepProgress
 from onestep.cli import CHECKPOINT_EVERY, TRAINER_DEFAULTS, main, run_lightning
 from onestep.data import DATASETS
 
-TINY_FIT = ["fit", "--config", str(REPO / "configs/flow_matching/8gaussians.yaml"),
+TINY_FIT = ["fit", "--config", str(REPO / "configs/flow_matching"), "--data.dataset", "8gaussians",
             "--model.init_args.backbone", "{name: mlp, hidden: [16, 16]}", "--model.init_args.steps", "2",
             "--model.init_args.coupling", "independent", "--data.batch_size", "32", "--data.n_train", "256"]
 NO_EVAL = ["--eval.every_n_steps", "0", "--eval.at_end", "false", "--trainer.enable_progress_bar", "false"]

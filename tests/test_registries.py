@@ -124,7 +124,7 @@ def test_an_unregistered_dataset_is_unknown_everywhere():
 
     assert "tiny_digits" not in DATASETS and "tiny_digits" not in IMAGE_SHAPES
     assert "tiny_digits" not in LENET_FOR_DATASET
-    with pytest.raises(ValueError, match="unknown dataset='tiny_digits'"):
+    with pytest.raises(ValueError, match="'tiny_digits' is not a known dataset"):
         OneStepDataModule("tiny_digits")
 
 

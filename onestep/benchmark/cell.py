@@ -88,10 +88,10 @@ def cell_args(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | N
     """The ``onestep fit`` arguments of ``cell`` (raises ``FileNotFoundError`` for a missing config)."""
     method = cell.method
     args: list[str] = []
-    config = method.config_for(cell.dataset, suite.search_dirs())
-    if config is not None:
+    configs = method.config_for(cell.dataset, suite.search_dirs())  # a method folder: kind default + layer
+    for config in configs:
         args += ["--config", str(config)]
-    else:
+    if not configs:
         args += [f"--model={json.dumps({'class_path': method.class_path, 'init_args': method.init_args})}"]
     args.append(f"--data.dataset={cell.dataset}")
     args += [f"--data.{k}={to_cli_value(v)}" for k, v in sorted(suite.data.items())]

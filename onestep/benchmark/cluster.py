@@ -31,7 +31,7 @@ from typing import Any
 from onestep.benchmark.cell import run_cell
 from onestep.benchmark.records import RESULTS_FILE, append_record
 from onestep.benchmark.resources import ClusterResources
-from onestep.benchmark.suite import Cell, Suite
+from onestep.benchmark.suite import Cell, Suite, import_suite_modules
 from onestep.callbacks.fault import Preempted
 
 PREEMPT_SIGNAL = signal.SIGUSR1  # handled by PreemptionCheckpoint during training
@@ -60,6 +60,8 @@ class CellTask:
         self.suite, self.out_dir, self.wandb, self.threads, self.quiet = suite, Path(out_dir), wandb, threads, quiet
 
     def __call__(self, cell: Cell) -> dict[str, Any]:
+        # a fresh process: the suite's imports (user datasets in the registries) are not loaded by unpickling
+        import_suite_modules(list(self.suite.imports))
         if self.threads is not None:
             import torch
 

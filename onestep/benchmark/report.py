@@ -29,6 +29,7 @@ import yaml
 from onestep.benchmark import figures as figs
 from onestep.benchmark.floor import floor_for, floor_key, load_floors
 from onestep.benchmark.records import RESULTS_FILE, describe_machine_short, latest_by_cell, read_records
+from onestep.benchmark.suite import import_suite_modules
 from onestep.benchmark.tables import (
     DIRECTION_NOTE,
     Table,
@@ -61,6 +62,7 @@ def _ordered(preferred: list, seen: list) -> list:
 def collect(out_dir: Path, with_floor: bool = True) -> dict[str, Any]:
     """Everything the report shows, as plain data (also what the W&B summary logs)."""
     suite = _load_yaml(out_dir / "suite.yaml")
+    import_suite_modules(suite.get("imports"))  # a user's datasets, for the floors and reference figures
     latest = list(latest_by_cell(read_records(out_dir / RESULTS_FILE)).values())
     if not latest:
         raise FileNotFoundError(f"{out_dir / RESULTS_FILE} has no finished cells; run onestep benchmark first")
@@ -80,8 +82,11 @@ def collect(out_dir: Path, with_floor: bool = True) -> dict[str, Any]:
                 warnings.warn(f"data floor of {r['dataset']} could not be computed: {err}")
         r["_floor_key"] = floor_key(r["data_config"], r["protocol"]) if floor else None
         r["_values"] = cell_values(r, floor)
-    tables, failures = {}, {}
+    tables, failures, skipped = {}, {}, {}
     for d in datasets:
+        # metric groups the protocol left out for this data, with the reason (e.g. a file of points: no support)
+        skipped[d] = sorted({f"{group} metrics: {why}" for r in latest if r["dataset"] == d
+                             for group, why in ((r.get("protocol") or {}).get("skipped_metrics") or {}).items()})
         rows = [r for r in ok if r["dataset"] == d]
         keys = list(dict.fromkeys(r["_floor_key"] for r in rows if r["_floor_key"]))
         labels = [("data floor" if len(keys) == 1 else f"data floor ({_floor_label(floors[k])})", floors[k])
@@ -99,7 +104,7 @@ def collect(out_dir: Path, with_floor: bool = True) -> dict[str, Any]:
     finished = [m for m in methods if any(r["method"] == m for r in ok)]
     reference = suite.get("reference") or ("flow_matching" if "flow_matching" in finished else None)
     return {"suite": suite, "records": latest, "ok": ok, "methods": methods, "datasets": datasets, "seeds": seeds,
-            "floors": floors, "tables": tables, "failures": failures,
+            "floors": floors, "tables": tables, "failures": failures, "skipped": skipped,
             "overview": overview_table(values, finished, datasets), "reference": reference,
             "against_reference": reference_table(values, finished, datasets, reference) if reference else None,
             "run_info": json.loads((out_dir / "run_info.json").read_text()) if (out_dir / "run_info.json").is_file()
@@ -200,6 +205,7 @@ def _markdown(data: dict[str, Any], figures: dict[str, Path], out_dir: Path) -> 
                   data["against_reference"].markdown(), ""]
     for d in data["datasets"]:
         parts += [f"## {d}", "", data["tables"][d].markdown(), ""]
+        parts += [f"Not computed: {note}", ""] if (note := "; ".join(data["skipped"][d])) else []
         if data["failures"][d]:
             parts += ["Failed or missing cells:", ""] + [f"- {f}" for f in data["failures"][d]] + [""]
     parts += [DIRECTION_NOTE, "", "## Figures", ""]
@@ -222,6 +228,8 @@ def _html(data: dict[str, Any], figures: dict[str, Path], out_dir: Path) -> str:
                   data["against_reference"].html()]
     for d in data["datasets"]:
         parts += [f"<h2>{html.escape(d)}</h2>", data["tables"][d].html()]
+        parts += [f"<p class=note>Not computed: {html.escape(note)}</p>"] if (note := "; ".join(data["skipped"][d])) \
+            else []
         if data["failures"][d]:
             parts.append("<p>Failed or missing cells:</p><ul>" + "".join(
                 f"<li>{html.escape(f)}</li>" for f in data["failures"][d]) + "</ul>")

@@ -4,8 +4,8 @@ A suite is a YAML file::
 
     name: quick                          # also the W&B group and the report title
     methods:                             # each method is one of
-      - name: otnfm                      #   a config file, or a directory holding <dataset>.yaml
-        config: configs/otnfm            #   (resolved per dataset: configs/otnfm/8gaussians.yaml ...)
+      - name: otnfm                      #   a config file, or a method folder: per dataset its kind's
+        config: configs/otnfm            #   default (vector.yaml / image.yaml) then <dataset>.yaml if any
         overrides: {model.init_args.lr: 2.0e-3}       # dotted CLI keys, optional
       - name: mine                       #   or a user's own class (any importable module)
         class_path: my_pkg.module.MyGenerator
@@ -13,7 +13,9 @@ A suite is a YAML file::
       - name: magt                       #   a grid expands into one method per combination:
         config: configs/magt             #   magt[sigma=0.1], magt[sigma=0.2], ...
         grid: {model.init_args.sigma: [0.1, 0.2]}
-    datasets: [8gaussians, moons2d]
+    datasets: [8gaussians, moons2d]      # names, Manifold class paths (my_pkg.MyManifold), point files (x.npy)
+    imports: [my_pkg.datasets]           # modules imported first (here, in every worker, in onestep report):
+                                         # e.g. ones registering datasets with @register_manifold (optional)
     seeds: [0, 1, 2]                     # seed_everything of each cell (the data split is fixed by data.seed)
     budget: {max_steps: 2000}            # or {minutes: 1.5}, or both (whichever comes first)
     data: {batch_size: 256}              # OneStepDataModule options common to every cell
@@ -34,8 +36,11 @@ A suite is a YAML file::
                                          # onestep.benchmark.resources; not part of a cell's fingerprint)
 
 Paths are tried relative to the current directory first, then to the suite file's directory and each of
-its parents (so ``configs/otnfm`` works from the repository root and from ``configs/suites``). A missing
-``<dataset>.yaml`` is not a load error: that cell fails and is recorded, the others run.
+its parents (so ``configs/otnfm`` works from the repository root and from ``configs/suites``). A method
+folder is resolved per dataset by :func:`onestep.config_layers.method_config_files` (``image.yaml`` for
+image sets and image folders, ``vector.yaml`` for everything else, then ``<dataset>.yaml`` layered on top
+when it exists). A missing kind default is not a load error: that cell fails and is recorded, the others
+run. Point files are read relative to the current directory (every worker runs in it).
 
 Fairness is enforced at load time: a method may not override the budget (``trainer.max_steps``) or any
 ``eval.*`` option, since the protocol must be identical for every method. A ``minutes`` budget counts
@@ -50,6 +55,7 @@ the results, so it is not part of a cell's fingerprint.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import itertools
 import json
@@ -68,7 +74,7 @@ RUNNER_EVAL_KEYS = {"nfe_sweep": None, "final_samples": 2048}
 PROTOCOL_DEFAULTS: dict[str, Any] = {"n_samples": 2048, "reference_split": "test", "feature_space": None,
                                      "w2_max_samples": 2048, "seed": 0, "every_n_steps": None}
 TOP_LEVEL_KEYS = ("name", "description", "methods", "datasets", "seeds", "budget", "data", "eval", "overrides",
-                  "threads", "reference", "resources")
+                  "threads", "reference", "resources", "imports")
 
 
 def _fail(where: str, message: str) -> None:
@@ -166,7 +172,7 @@ class MethodSpec:
             _fail("methods", f"name {self.name!r} must be a non-empty string of letters, digits and _.+=,-[] "
                   "(it names the run directory)")
         if (self.config is None) == (self.class_path is None):
-            _fail(where, "give exactly one of config (a YAML file or a directory with <dataset>.yaml) "
+            _fail(where, "give exactly one of config (a YAML file or a method folder with vector.yaml / image.yaml) "
                   "and class_path (my_pkg.module.MyGenerator)")
         if self.init_args and self.class_path is None:
             _fail(where, "init_args goes with class_path; with a config use overrides: {model.init_args.x: ...}")
@@ -175,22 +181,24 @@ class MethodSpec:
         for key in self.overrides:
             check_override_key(where, key)
 
-    def config_for(self, dataset: str, search: list[Path]) -> Path | None:
-        """The config file of this method for ``dataset`` (a directory resolves to ``<dataset>.yaml``);
-        raises ``FileNotFoundError`` naming the paths tried."""
+    def config_for(self, dataset: str, search: list[Path]) -> list[Path]:
+        """The config files of this method for ``dataset``, read in order (``--config`` each): a file as it is;
+        a method folder resolves to its kind's default then ``<dataset>.yaml`` when present
+        (:func:`onestep.config_layers.method_config_files`); ``[]`` for a ``class_path`` method. Raises
+        ``FileNotFoundError`` naming the paths tried, ``ValueError`` for a broken layer."""
+        from onestep.config_layers import method_config_files
+
         if self.config is None:
-            return None
+            return []
         base = resolve_path(self.config, search)
-        path = base / f"{dataset}.yaml" if base.is_dir() else base
-        if not path.is_file():
-            if base.exists():
-                where = f"{path} does not exist"
-            else:
-                where = f"{self.config} not found in {', '.join(str(d) for d in search[:3])}" + \
-                        (" or their parents" if len(search) > 3 else "")
+        if base.is_dir():
+            return method_config_files(base, dataset, f"method {self.name!r}")
+        if not base.is_file():
+            where = f"{self.config} not found in {', '.join(str(d) for d in search[:3])}" + \
+                    (" or their parents" if len(search) > 3 else "")
             raise FileNotFoundError(f"method {self.name!r}: no config for dataset {dataset!r} ({where}); add the "
                                     "file or remove the dataset/method from the suite")
-        return path
+        return [base]
 
     def fingerprint(self) -> dict[str, Any]:
         return {"config": self.config, "class_path": self.class_path, "init_args": self.init_args,
@@ -211,7 +219,9 @@ class Cell:
 
     @property
     def run_name(self) -> str:
-        return f"{self.method.name}-{self.dataset}-s{self.seed}"
+        from onestep.data.sources import dataset_label
+
+        return f"{self.method.name}-{dataset_label(self.dataset)}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,7 @@ class Suite:
     threads: int | None = None
     reference: str | None = None
     resources: ClusterResources = field(default_factory=ClusterResources)  # cluster launchers only; not fingerprinted
+    imports: tuple[str, ...] = ()
 
     def cells(self) -> list[Cell]:
         """Every cell, dataset-major (all methods of a dataset run close together in time)."""
@@ -246,6 +257,8 @@ class Suite:
         spec = {"method": cell.method.fingerprint(), "dataset": cell.dataset, "seed": cell.seed,
                 "budget": asdict(self.budget), "protocol": self.protocol.as_dict(), "data": self.data,
                 "overrides": self.overrides}
+        if self.imports:  # the code that defines a user's dataset (absent: the hashes of earlier suites hold)
+            spec["imports"] = list(self.imports)
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
@@ -253,10 +266,32 @@ class Suite:
                 "methods": [asdict(m) for m in self.methods], "datasets": list(self.datasets),
                 "seeds": list(self.seeds), "budget": asdict(self.budget), "eval": self.protocol.as_dict(),
                 "data": self.data, "overrides": self.overrides, "threads": self.threads,
-                "reference": self.reference, "resources": self.resources.as_dict()}
+                "reference": self.reference, "resources": self.resources.as_dict(), "imports": list(self.imports)}
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def import_suite_modules(modules: Any) -> tuple[str, ...]:
+    """Import a suite's ``imports:`` (module names), e.g. modules registering datasets with
+    ``@register_manifold``; the loader calls it, so the parent, every worker (each loads the suite) and
+    ``onestep report`` (from the saved ``suite.yaml``) all see the same registries. Raises ``ImportError``."""
+    if modules is None:
+        return ()
+    if not isinstance(modules, list) or any(not isinstance(m, str) or not re.match(r"^[A-Za-z_][\w.]*$", m)
+                                            for m in modules):
+        raise ImportError(f"suite imports: must be a list of module names such as [my_pkg.datasets], got {modules!r}")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and name.startswith(err.name):
+                raise ImportError(f"suite imports: no module {name!r} can be imported; put the folder that holds it "
+                                  "on PYTHONPATH (workers and onestep report inherit it) or install it") from None
+            raise ImportError(f"suite imports: importing {name!r} failed: {err}; install what it needs") from None
+        except Exception as err:  # noqa: BLE001 - a user's module may raise anything while importing
+            raise ImportError(f"suite imports: importing {name!r} failed: {type(err).__name__}: {err}") from None
+    return tuple(modules)
+
+
 def to_cli_value(value: Any) -> str:
     """A YAML/JSON value as jsonargparse reads it from the command line."""
     if isinstance(value, bool):
@@ -333,6 +368,7 @@ def suite_from_dict(raw: dict[str, Any], path: str | None = None) -> Suite:
     """Validate a parsed suite mapping (see the module docstring) and build the :class:`Suite`."""
     from onestep.data import OneStepDataModule
     from onestep.data.datamodule import DATASETS
+    from onestep.data.sources import dataset_label, load_points, resolve_dataset
 
     if not isinstance(raw, dict):
         _fail("file", f"must be a mapping of {', '.join(TOP_LEVEL_KEYS)}, got {type(raw).__name__}")
@@ -342,14 +378,25 @@ def suite_from_dict(raw: dict[str, Any], path: str | None = None) -> Suite:
     name = raw.get("name") or (Path(path).stem if path else None)
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         _fail("name", f"must be a short name of letters, digits and _.-, got {name!r}")
+    try:  # first: the modules may register datasets
+        imports = import_suite_modules(raw.get("imports"))
+    except ImportError as err:
+        raise ValueError(f"suite {err}") from None
     datasets = raw.get("datasets")
     if not isinstance(datasets, list) or not datasets:
         _fail("datasets", f"must be a non-empty list; known datasets: {', '.join(DATASETS)}")
     for d in datasets:
-        if d not in DATASETS:
-            _fail("datasets", f"unknown dataset {d!r}; known datasets: {', '.join(DATASETS)}")
+        try:  # the registries now, a class path imported, a point file read and checked
+            source = resolve_dataset(d, option="datasets entry")
+            if source.kind == "points":
+                load_points(source.path, option="datasets entry")
+        except ValueError as err:
+            raise ValueError(f"suite {err}") from None
     if len(set(datasets)) != len(datasets):
         _fail("datasets", f"repeated entries in {datasets}")
+    labels = [dataset_label(d) for d in datasets]
+    if len(set(labels)) != len(labels):
+        _fail("datasets", f"two point files share a file name {labels} (it names their runs); rename one")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
         _fail("seeds", f"must be a non-empty list of integers, got {seeds!r}")
@@ -387,7 +434,7 @@ def suite_from_dict(raw: dict[str, Any], path: str | None = None) -> Suite:
                  seeds=tuple(seeds), budget=Budget(**budget_raw), protocol=protocol, data=dict(data),
                  overrides=dict(overrides), description=str(raw.get("description") or ""),
                  path=str(path) if path else None, threads=threads, reference=reference,
-                 resources=resources_from_dict(raw.get("resources")))
+                 resources=resources_from_dict(raw.get("resources")), imports=imports)
 
 
 def load_suite(path: str | Path) -> Suite:

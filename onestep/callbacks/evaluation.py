@@ -187,6 +187,8 @@ class EvaluationCallback(Callback):
                     "dataset": getattr(dm, "dataset", None), "feature_weights_sha256": weights or None}
         if "inception" in spaces and getattr(dm, "dataset", "") in LENET_FOR_DATASET:
             protocol["note"] = "Inception FD on MNIST-like data is not comparable to published FID"
+        if getattr(dm, "skipped_metrics", None):  # e.g. a file of points: no support, no manifold metrics
+            protocol["skipped_metrics"] = dict(dm.skipped_metrics)
         return protocol
 
     # ------------------------------------------------------------------------------------ hooks

@@ -1,8 +1,9 @@
 """`OneStepDataModule`: one LightningDataModule for synthetic manifolds and image datasets.
 
 Batches are `(x, idx)`: `x` float32 in normalised space (B, *data_shape), `idx` int64 indices into
-`train_data`. Normalisation is the identity for synthetic sets and `x = 2 p - 1` for images, where raw
-pixel values p are in [0, 1] (uint8 input in [0, 255] is divided by 255 first).
+`train_data`. Normalisation is the identity for synthetic sets and point files, and `x = 2 p - 1` for
+images, where raw pixel values p are in [0, 1] (uint8 input in [0, 255] is divided by 255 first). What
+`dataset` may name (a registered name, a `Manifold` class path, a file of points) is :mod:`.sources`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import lightning as L
 import numpy as np
@@ -22,8 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from onestep.options import AtLeastOne, NonNegative, Range, check_options
 
 from .image_sets import IMAGE_DATASETS, IMAGE_SHAPES
-from .manifolds import MANIFOLDS, Manifold, get_manifold
+from .manifolds import MANIFOLDS, Manifold
 from .sampler import ResumableSampler, distributed_context
+from .sources import build_manifold, check_samples, dataset_label, load_points, resolve_dataset
 
 __all__ = ["OneStepDataModule", "DATASETS", "IMAGE_SHAPES", "resolve_data_root"]
 
@@ -72,12 +74,23 @@ def split_seed(seed: int, split: str) -> int:
     return int(np.random.SeedSequence([int(seed), 7919 + SPLITS.index(split)]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def _check_options(dataset, root) -> None:
+def points_seed(seed: int) -> int:
+    """The seed of the permutation that splits a file of points into test, val and train."""
+    return int(np.random.SeedSequence([int(seed), 104729]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _check_options(dataset, root, dataset_args):
     """The options a signature cannot declare: the dataset (registries read now) and the folder."""
-    if not isinstance(dataset, str) or dataset not in DATASETS:
-        raise ValueError(f"OneStepDataModule: unknown dataset={dataset!r}; known datasets: {', '.join(DATASETS)}")
+    source = resolve_dataset(dataset)
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise ValueError(f"OneStepDataModule: root={root!r} is not allowed; use a folder path (str) or None")
+    if dataset_args is not None and not isinstance(dataset_args, dict):
+        raise ValueError(f"--data.dataset_args={dataset_args!r} is not a mapping; give the manifold's constructor "
+                         "arguments as a mapping, e.g. --data.dataset_args '{radius: 2.0}'")
+    if dataset_args and source.kind != "manifold":
+        raise ValueError(f"--data.dataset_args applies to a manifold (a name or a class path), not to "
+                         f"dataset={dataset!r}; leave it unset")
+    return source
 
 
 class _BatchIndexedDataset(TensorDataset):
@@ -161,11 +174,15 @@ class _HookedCollate:
 
 
 class OneStepDataModule(L.LightningDataModule):
-    """Data for every generator: a synthetic manifold (see `MANIFOLDS`) or an image set.
+    """Data for every generator: a synthetic manifold (see `MANIFOLDS`), an image set or a file of points.
 
     Args:
         dataset: synthetic 8gaussians, moons2d, rings2d, spiral2d, checker2d, helix3d, torus3d, sphere3d,
-            sphere64, helix64; images mnist, fashion_mnist, cifar10, image_folder (`DATASETS`).
+            sphere64, helix64; images mnist, fashion_mnist, cifar10, image_folder (`DATASETS`); a name
+            registered with `register_manifold`; a `Manifold` subclass by class path (`my_module.MyManifold`);
+            a `.npy`/`.npz`/`.pt` file of points, raw units, shape (n, D): test = the first `n_test` of a
+            permutation seeded by `seed`, val = the next `n_val`, train = the next `n_train` (default: the
+            rest). A file has no known support, so the manifold metrics are skipped (`skipped_metrics`).
         batch_size: training batch size.
         n_train: training set size (synthetic default 20000; images: the first `n_train`, default all).
         n_val, n_test: validation / test set sizes. Images: test = the first `n_test` images of the
@@ -175,6 +192,7 @@ class OneStepDataModule(L.LightningDataModule):
         seed: seeds the synthetic splits (one derived seed per split) and the shuffling order.
         num_workers: DataLoader workers.
         image_size: side of `image_folder` images.
+        dataset_args: constructor arguments of a manifold given by name or class path.
     """
 
     def __init__(
@@ -189,28 +207,38 @@ class OneStepDataModule(L.LightningDataModule):
         seed: Annotated[int, Range(ge=0, lt=2**63)] = 0,
         num_workers: Annotated[int, NonNegative] = 0,
         image_size: Annotated[int, AtLeastOne] = 32,
+        dataset_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_options(dataset, root)
+        source = _check_options(dataset, root, dataset_args)
         options = dict(batch_size=batch_size, n_train=n_train, n_val=n_val, n_test=n_test, noise_std=noise_std,
                        seed=seed, num_workers=num_workers, image_size=image_size)
         check_options(type(self), options, prefix="OneStepDataModule: ", say_allowed=True)
         self.save_hyperparameters()
         self.dataset = dataset
+        self.dataset_label = dataset_label(dataset)  # the dataset in run names (a file: its file name)
         self.batch_size, self.n_val, self.n_test = batch_size, n_val, n_test
         self.seed, self.num_workers = int(seed), num_workers
-        self.is_image = dataset in IMAGE_DATASETS
+        self.is_image = source.kind == "image"
         self.manifold: Manifold | None = None
+        self.points: Tensor | None = None
+        #: metric group -> why it is not computed for this data (recorded in the evaluation protocol)
+        self.skipped_metrics: dict[str, str] = {}
+        if source.kind != "manifold" and noise_std is not None:
+            raise ValueError(
+                f"OneStepDataModule: noise_std={noise_std!r} applies only to synthetic manifolds, "
+                f"not to dataset={dataset!r}; leave it unset (None)"
+            )
         if self.is_image:
-            if noise_std is not None:
-                raise ValueError(
-                    f"OneStepDataModule: noise_std={noise_std!r} applies only to synthetic manifolds, "
-                    f"not to dataset={dataset!r}; leave it unset (None)"
-                )
             self.n_train = n_train
             self.data_shape: tuple[int, ...] = IMAGE_DATASETS[dataset].data_shape(image_size)
+        elif source.kind == "points":
+            self.points = load_points(source.path)
+            self.n_train = self._point_train_size(n_train)
+            self.data_shape = (self.points.shape[1],)
+            self.skipped_metrics = {"manifold": "no distance to the support is known for a file of points"}
         else:
-            self.manifold = get_manifold(dataset, noise_std=noise_std)
+            self.manifold = build_manifold(source.manifold, dataset, dataset_args, noise_std)
             self.n_train = DEFAULT_N_TRAIN_SYNTHETIC if n_train is None else n_train
             self.data_shape = (self.manifold.ambient_dim,)
         self.root = resolve_data_root(root) if self.is_image else (Path(root) if root else None)
@@ -223,6 +251,17 @@ class OneStepDataModule(L.LightningDataModule):
         # set by a model that prepares each training batch ahead of its step (see PairingPipeline);
         # called in this process only, so it is ignored when num_workers > 0
         self.train_batch_hook = None
+
+    def _point_train_size(self, n_train: int | None) -> int:
+        """The training split of a point file (all points not held out by default); refuses too few points."""
+        n, held = len(self.points), self.n_val + self.n_test
+        if n - held < max(1, n_train or 1):
+            wanted = f"n_train={n_train}" if n_train else "at least 1 training point"
+            raise ValueError(
+                f"--data.dataset={self.dataset}: {n} points are too few for n_test={self.n_test} + n_val={self.n_val}"
+                f" + {wanted}; use smaller --data.n_test/--data.n_val{'/--data.n_train' if n_train else ''} "
+                "or a file with more points")
+        return n - held if n_train is None else n_train
 
     # ----------------------------------------------------------------- normalisation
     def normalize(self, x_raw: Tensor) -> Tensor:
@@ -260,7 +299,17 @@ class OneStepDataModule(L.LightningDataModule):
             sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
             for split, n in sizes.items():
                 generator = torch.Generator().manual_seed(split_seed(self.seed, split))
-                setattr(self, f"{split}_data", self.manifold.sample(n, generator).float())
+                samples = self.manifold.sample(n, generator)
+                check_samples(self.manifold, self.dataset, samples, n)
+                setattr(self, f"{split}_data", samples.float())
+            return
+        if self.points is not None:
+            order = torch.randperm(len(self.points), generator=torch.Generator().manual_seed(points_seed(self.seed)))
+            bounds = {"test": (0, self.n_test), "val": (self.n_test, self.n_test + self.n_val)}
+            held = self.n_test + self.n_val
+            bounds["train"] = (held, held + self.n_train)
+            for split, (start, end) in bounds.items():
+                setattr(self, f"{split}_data", self.points[order[start:end]].contiguous())
             return
         train_x, train_y, test_x, test_y = self._load_images()
         n_train = len(train_x) if self.n_train is None else self._clamp("n_train", self.n_train, len(train_x))
@@ -282,7 +331,8 @@ class OneStepDataModule(L.LightningDataModule):
     def _clamp(self, option: str, wanted: int, available: int) -> int:
         if wanted > available:
             warnings.warn(
-                f"OneStepDataModule: {option}={wanted} exceeds the {available} images available for "
+                f"OneStepDataModule: {option}={wanted} exceeds the {available} "
+                f"{'images' if self.is_image else 'points'} available for "
                 f"dataset={self.dataset!r}; using {available}",
                 stacklevel=3,
             )
@@ -297,7 +347,8 @@ class OneStepDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------- access
     def reference(self, split: str = "test", n: int | None = None) -> Tensor:
         """The first `n` samples of `split` in raw units (all if `n` is None). For a synthetic set,
-        `n` beyond the stored split draws `n` fresh samples from that split's seed."""
+        `n` beyond the stored split draws `n` fresh samples from that split's seed (images and point files:
+        the whole split, with a warning)."""
         data = self._split_data(split)
         if n is None or n <= len(data):
             return self.denormalize(data[:n]).clone()

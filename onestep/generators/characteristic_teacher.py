@@ -75,7 +75,7 @@ def load_teacher_checkpoint(path: str, data_shape: Sequence[int]) -> FlowMatchin
     where = f"teacher_ckpt={str(path)!r}"
     if not Path(path).is_file():
         raise FileNotFoundError(f"{where}: no such file; train the teacher first, e.g. "
-                                "`onestep fit --config configs/flow_matching/<dataset>.yaml`, and pass its .ckpt")
+                                "`onestep fit --config configs/flow_matching --data.dataset <dataset>`, and pass its .ckpt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"
