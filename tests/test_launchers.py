@@ -246,3 +246,23 @@ def test_slurm_options_with_the_local_launcher_are_refused(tmp_path, capsys):
     suite = _suite_file(tmp_path / "s.yaml", [{"name": "otnfm", "config": str(REPO / "configs/otnfm")}])
     assert benchmark_main(["--suite", str(suite), "--slurm.gpus", "1", "--out", str(tmp_path / "o")]) == 2
     assert "--slurm.gpus apply to --launcher slurm or submitit_local" in capsys.readouterr().err
+
+
+def test_a_submitit_task_imports_the_suite_modules_before_its_cell(tmp_path, monkeypatch):
+    # a submitit task is a fresh process: unpickling the suite does not import a user's dataset module,
+    # so the task must, before the cell looks its dataset up in the registry
+    pytest.importorskip("submitit")
+    from onestep.benchmark import cluster
+
+    (tmp_path / "user_sets_for_task.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_sets_for_task", raising=False)
+    suite = suite_from_dict({"name": "t", "methods": [{"name": "fm", "config": str(REPO / "configs/flow_matching")}],
+                             "datasets": ["8gaussians"], "seeds": [0], "budget": {"max_steps": 2},
+                             "imports": ["user_sets_for_task"]})
+    monkeypatch.delitem(sys.modules, "user_sets_for_task")  # as in the task's fresh process
+    seen = {}
+    monkeypatch.setattr(cluster, "run_cell", lambda *a, **k: seen.setdefault("imported", "user_sets_for_task" in sys.modules)
+                        and {"status": "ok"})
+    cluster.CellTask(suite, tmp_path, None, None, True)(suite.cells()[0])
+    assert seen["imported"] is True
