@@ -254,9 +254,10 @@ class OneStepGenerator(L.LightningModule):
     def check_ema_updated(self) -> None:
         """Refuse to score an EMA that training never updated (a manual plugin without ``ema_update``):
         it still holds the initial weights, and every evaluation would report the same wrong number."""
-        if self.averages_weights() and self._ema_updates == 0 and self.global_step > 0:
+        steps = getattr(self._trainer, "global_step", 0)  # 0 without a trainer (or with a stand-in one)
+        if self.averages_weights() and self._ema_updates == 0 and steps > 0:
             raise ValueError(
-                f"{type(self).__name__}: the EMA weights were never updated in {self.global_step} training steps "
+                f"{type(self).__name__}: the EMA weights were never updated in {steps} training steps "
                 f"(ema_decay={self.ema_decay}), so sampling would use the initial weights; call self.ema_update() "
                 "after each generator step (self.generator_step(loss) does), or set ema_decay: 0 to sample the "
                 "live weights")
