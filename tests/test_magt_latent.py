@@ -155,3 +155,8 @@ def test_map_laplace_and_its_ess_fallback_run_on_codes(options):
     assert logs["laplace_step"] == 1.0 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in model.code_model.net.parameters())
+
+
+def test_magt_options_reach_the_code_model():
+    model = make(sigma=0.3, sigma_max=1.2, n_anchors=64)
+    assert (model.code_model.sigma, model.code_model.sigma_max, model.code_model.n_anchors) == (0.3, 1.2, 64)

@@ -201,12 +201,7 @@ class LMPPM(StagedTraining, KernelBankMixin, OneStepGenerator):
     # ------------------------------------------------------------------ stages
     def switch_step(self) -> int:
         """Global step at which the distance stage starts."""
-        if self.ae_steps is not None:
-            return self.ae_steps
-        max_steps = self._trainer.max_steps if self._trainer is not None else -1
-        _check(max_steps is not None and max_steps > 0, "ae_steps=None needs trainer.max_steps > 0 to place the "
-               f"stage switch at ae_fraction={self.ae_fraction} of it; set ae_steps explicitly")
-        return int(round(self.ae_fraction * max_steps))
+        return self.autoencoder_switch_step(self.ae_steps, self.ae_fraction)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -71,6 +71,7 @@ class LatentMAGT(StagedTraining, OneStepGenerator):
         latent_dim: Annotated[int, AtLeastOne] = 8,
         sigma: Annotated[float, Positive] | None = None,
         tau: Annotated[float, Range(gt=0, lt=1, note="sigma = (1 - tau) / tau")] | None = None,
+        sigma_max: Annotated[float, Positive] | None = None,
         n_anchors: Annotated[int, AtLeastOne] = 512,
         proposal: Literal[PROPOSALS] = "mc",
         loss_weight: Literal[LOSS_WEIGHTS] = "inv_sigma2",
@@ -94,7 +95,7 @@ class LatentMAGT(StagedTraining, OneStepGenerator):
                                       (code_dim,), self.data_shape, time_conditioned=False)
         self.code_model = MAGT(
             data_shape=(code_dim,), backbone=backbone, latent_dim=latent_dim,
-            sigma=sigma, tau=tau, n_anchors=n_anchors,
+            sigma=sigma, tau=tau, sigma_max=sigma_max, n_anchors=n_anchors,
             proposal=proposal, loss_weight=loss_weight, detach_weights=detach_weights, n_noise=n_noise,
             laplace_anchors=laplace_anchors, map_steps=map_steps, laplace_fallback_ess=laplace_fallback_ess,
             eval_points=0, standardize=standardize)
@@ -120,12 +121,7 @@ class LatentMAGT(StagedTraining, OneStepGenerator):
     # ------------------------------------------------------------------ stages
     def switch_step(self) -> int:
         """Global step at which the MAGT stage starts."""
-        if self.ae_steps is not None:
-            return self.ae_steps
-        max_steps = self._trainer.max_steps if self._trainer is not None else -1
-        _check(max_steps is not None and max_steps > 0, "ae_steps=None needs trainer.max_steps > 0 to place the "
-               f"stage switch at ae_fraction={self.ae_fraction} of it; set ae_steps explicitly")
-        return int(round(self.ae_fraction * max_steps))
+        return self.autoencoder_switch_step(self.ae_steps, self.ae_fraction)
 
     def stage_starts(self) -> list[int]:
         return [self.switch_step()]

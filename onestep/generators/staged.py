@@ -39,6 +39,16 @@ class StagedTraining:
         self.register_buffer("stage", torch.tensor(int(first)))
 
     # ------------------------------------------------------------------ to implement
+    def autoencoder_switch_step(self, ae_steps: int | None, ae_fraction: float) -> int:
+        """First step after an autoencoder stage: ``ae_steps``, or ``ae_fraction`` of ``trainer.max_steps``."""
+        if ae_steps is not None:
+            return ae_steps
+        max_steps = self._trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("ae_steps=None needs trainer.max_steps > 0 to place the stage switch at "
+                             f"ae_fraction={ae_fraction} of it; set ae_steps explicitly")
+        return int(round(ae_fraction * max_steps))
+
     def stage_starts(self) -> Sequence[int]:
         """Global steps at which stages 2, 3, ... begin."""
         raise NotImplementedError
