@@ -104,8 +104,10 @@ def run_cells_in_workers(suite: Suite, suite_path: str, todo: list[Cell], out_di
                 free.append(slot)
                 records = _records_of(out_dir, cell)
                 record = records[-1] if len(records) > before else None  # the worker's own record
-                if record is None and forwarded and proc.returncode in (0, 130):  # 130: after Ctrl-C
-                    record = None  # stopped by the forwarded signal: last.ckpt kept, a rerun resumes the cell
+                # stopped by the forwarded signal: last.ckpt kept, a rerun resumes the cell. 130: after Ctrl-C;
+                # -SIGTERM: the signal reached a worker still starting, before its handler was installed
+                if record is None and forwarded and proc.returncode in (0, 130, -signal.SIGTERM):
+                    record = None
                 elif record is None:
                     record = _lost_worker_record(suite, cell, proc.returncode, log_path)
                     append_record(out_dir / RESULTS_FILE, record)
