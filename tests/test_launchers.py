@@ -266,3 +266,33 @@ def test_a_submitit_task_imports_the_suite_modules_before_its_cell(tmp_path, mon
                         and {"status": "ok"})
     cluster.CellTask(suite, tmp_path, None, None, True)(suite.cells()[0])
     assert seen["imported"] is True
+
+
+class StopAfterStart(dict):
+    """A stop flag that reads None until the workers are started, then SIGTERM (a scheduler's signal
+    arriving while the workers are still starting up)."""
+
+    def __init__(self, reads_before: int) -> None:
+        super().__init__(signal=None)
+        self.reads = 0
+        self.reads_before = reads_before
+
+    def __getitem__(self, key):
+        self.reads += 1
+        import signal
+        return signal.SIGTERM if self.reads > self.reads_before else None
+
+
+def test_a_worker_killed_by_the_forwarded_sigterm_while_starting_is_stopped_not_failed(tmp_path, monkeypatch):
+    from onestep.benchmark import parallel
+
+    # a worker with no SIGTERM handler yet: the default action kills it (return code -SIGTERM)
+    monkeypatch.setattr(parallel, "worker_command", lambda *a: [sys.executable, "-c", "import time; time.sleep(120)"])
+    suite = suite_from_dict({"name": "t", "methods": [{"name": "fm", "config": str(REPO / "configs/flow_matching")}],
+                             "datasets": ["8gaussians"], "seeds": [0], "budget": {"max_steps": 2}})
+    seen = []
+    parallel.run_cells_in_workers(suite, "suite.yaml", suite.cells(), tmp_path, jobs=1, threads=None,
+                                  wandb_project=None, stop=StopAfterStart(reads_before=2),
+                                  on_record=lambda cell, record, seconds: seen.append(record))
+    assert seen == [None]  # stopped: a rerun runs the cell again
+    assert read_records(tmp_path / "results.jsonl") == []  # no failure recorded
