@@ -96,7 +96,8 @@ class OneStepCLI(LightningCLI):
         parser.add_argument("--wandb_project", type=str, default="onestep")
         parser.add_argument("--wandb_group", type=str | None, default=None)
         parser.add_argument("--checkpoint_every", type=int, default=CHECKPOINT_EVERY,
-                            help="optimizer steps between two checkpoints step<k>.ckpt (last.ckpt follows each)")
+                            help="training steps between two checkpoints step<k>.ckpt (last.ckpt follows each); "
+                                 "under manual optimisation, generator updates")
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -104,7 +105,7 @@ class OneStepCLI(LightningCLI):
         quiet_lightning()
         every = cfg.get("checkpoint_every", CHECKPOINT_EVERY)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"--checkpoint_every={every!r} is not allowed; use an integer >= 1 (optimizer steps)")
+            raise ValueError(f"--checkpoint_every={every!r} is not allowed; use an integer >= 1 (training steps)")
         for callback in TRAINER_DEFAULTS["callbacks"]:  # shared instances: set on every run, never left over
             if isinstance(callback, ExactCheckpoint):
                 callback._every_n_train_steps = every

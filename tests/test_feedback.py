@@ -258,7 +258,7 @@ def test_eval_options_have_descriptions_and_choices_and_datasets_are_listed(caps
         assert entries and len(entries[-1].split()) >= 3, (option, entries)  # a description before "(type: ..."
     dataset_help = text.split("--data.dataset DATASET ", 1)[1].split("--data.", 1)[0]
     assert all(name in dataset_help for name in DATASETS), dataset_help
-    assert "--checkpoint_every CHECKPOINT_EVERY optimizer steps between two checkpoints" in text
+    assert "--checkpoint_every CHECKPOINT_EVERY training steps between two checkpoints" in text
 
 
 def test_train_features_refuses_to_overwrite_the_shipped_weights(tmp_path, capsys):

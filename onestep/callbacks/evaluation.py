@@ -66,7 +66,7 @@ def check_evaluation_options(every_n_steps: Any, n_samples: Any, reference_split
         return ValueError(f"--eval.{option}={value!r} is not allowed; use {allowed}")
 
     if every_n_steps is not None and (not _is_int(every_n_steps) or every_n_steps < 0):
-        raise bad("every_n_steps", every_n_steps, "an integer >= 1 (evaluate every N optimizer steps), "
+        raise bad("every_n_steps", every_n_steps, "an integer >= 1 (evaluate every N training steps), "
                   "or 0 / null for no periodic evaluation (the final one is --eval.at_end)")
     if not _is_int(prdc_k) or prdc_k < 1:
         raise bad("prdc_k", prdc_k, "an integer >= 1 (neighbours of the PRDC radius)")
@@ -97,10 +97,11 @@ def check_evaluation_options(every_n_steps: Any, n_samples: Any, reference_split
 
 
 class EvaluationCallback(Callback):
-    """Evaluate the EMA generator every ``every_n_steps`` optimizer steps and at the end of training.
+    """Evaluate the EMA generator every ``every_n_steps`` training steps (``global_step``; under manual
+    optimisation, generator updates) and at the end of training.
 
     Args:
-        every_n_steps: evaluate every this many optimizer steps (0 or null: only at the end).
+        every_n_steps: evaluate every this many training steps (0 or null: only at the end).
         n_samples: generated samples per evaluation, compared with as many reference samples (> prdc_k).
         reference_split: data split the samples are compared with: train, val or test.
         feature_space: Fréchet distance / PRDC feature space(s): pixels, lenet-mnist, lenet-fashion, inception

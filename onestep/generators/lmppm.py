@@ -90,7 +90,7 @@ from onestep.generators.latent_flow import (  # noqa: F401 - kernel_mean and pro
 )
 from onestep.modules import eval_mode
 from onestep.nets import build_backbone
-from onestep.options import AtLeastOne, NonNegative, Positive, Range, UnitInterval
+from onestep.options import AtLeastOne, NonNegative, Positive, Range
 
 MODES = ("lmppm", "kernel_only", "dae")
 BANDWIDTH_RULES = ("silverman", "nn_median")
