@@ -93,6 +93,15 @@ def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- NaN / inf
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, computed in float32 at least (a float16 norm overflows to inf
+    on finite gradients). float32 tensors on one device take one fused ``_foreach_norm`` call."""
+    if all(t.dtype == torch.float32 and t.device == tensors[0].device for t in tensors):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()).to(tensors[0].device)
+                                                 for t in tensors]))
+
+
 class NonFiniteGuard(Callback):
     """Stop at the first non-finite loss (or gradient norm) before the optimiser applies it.
 
@@ -132,7 +141,7 @@ class NonFiniteGuard(Callback):
         if bad is None and self.check_grads and not scaled:
             grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
             if grads:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                norm = _global_norm(grads)
                 if not bool(torch.isfinite(norm)):
                     bad = ("gradient norm", float(norm))
         self._stop_if_bad(trainer, bad)

@@ -149,8 +149,5 @@ class GAN(OneStepGenerator):
             self.clip_and_step(opt_d, d_loss)
         g_loss = self.generator_loss(x)
         self.generator_step(g_loss)
-        self.log("train/loss", g_loss.detach(), prog_bar=True)
-        self.log("train/d_loss", d_loss.detach())
-        for key, value in logs.items():
-            self.log(f"train/{key}", value)
+        self.log_training({"loss": g_loss.detach(), "d_loss": d_loss.detach(), **logs})
         return g_loss.detach()
