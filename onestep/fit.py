@@ -8,6 +8,7 @@ of those two imports the other).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -140,7 +141,11 @@ class OneStepCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parse, then report a missing, truncated or corrupted ``--ckpt_path`` before it is read (LightningCLI
         reads the checkpoint's hyperparameters right after parsing)."""
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # `onestep fit` passes its expanded command as `args` and keeps the user's in sys.argv on purpose
+            # (the resume hint repeats it, DDP workers re-run it): Lightning's warning about both is noise
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         cfg = self.config.get(subcommand) if subcommand else None
         if cfg is not None:

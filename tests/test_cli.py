@@ -46,6 +46,20 @@ def test_fit_writes_eval_jsonl_and_prints_the_log_dir(tmp_path, capsys):
     assert lines[-1]["protocol"]["n_samples"] == 256
 
 
+def test_fit_from_the_command_line_does_not_warn_about_its_own_expanded_args(tmp_path, monkeypatch):
+    """`onestep fit --config <folder>` hands LightningCLI the expanded command and keeps the user's in sys.argv;
+    Lightning's warning about getting both is not for the user."""
+    command = tiny_fit_args(REPO / "configs/flow_matching", tmp_path, steps=2)
+    monkeypatch.setattr(sys, "argv", ["onestep", *command, "--data.dataset", "moons2d",
+                                      "--model.init_args.backbone", "{name: mlp, hidden: [8]}"])
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main() == 0
+    assert not [w for w in caught if "args parameter" in str(w.message)], [str(w.message) for w in caught]
+    assert list(tmp_path.glob("*-moons2d/version_0/checkpoints/last.ckpt"))
+
+
 def test_print_config_resolves_overrides():
     out = subprocess.run(
         [sys.executable, "-m", "onestep.cli", "fit", "--config", str(REPO / "configs/flow_matching"),
