@@ -18,6 +18,12 @@ breakdown per stage, numbered in the order they occur (a one-step group is a sta
 ``--warmup`` steps of each stage are not measured.
 
     python benchmarks/train_step_cost.py [--dataset 8gaussians] [--steps 80] [--batch_size 256] [--threads 2]
+
+``--against_bare`` measures instead the framework's whole cost per step against a bare PyTorch loop and a
+minimal Lightning loop doing the same math (:mod:`step_overhead`: flow matching, independent coupling, EMA
+and clipping off, the method's own network), alternating the three ``--repeats`` times:
+
+    python benchmarks/train_step_cost.py --against_bare --threads 1 [--steps 3000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 from collections import defaultdict
 
 from common import base_parser, config_args, discover_methods, print_table, save_result, setup
+import torch
 from lightning.pytorch import Callback
 
 from onestep.generators.base import OneStepGenerator
@@ -193,8 +200,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra fit options, e.g. model.init_args.teacher_steps=40 (to reach a later stage)")
+    parser.add_argument("--against_bare", action="store_true",
+                        help="the framework's step against a bare loop and a minimal Lightning loop (flow matching)")
+    parser.add_argument("--repeats", type=int, default=3, help="--against_bare: alternations of the three loops")
     args = parser.parse_args()
     setup(args)
+    if args.against_bare:
+        return against_bare(args)
     rows = []
     for name, config in discover_methods(args.dataset, args.methods):
         try:
@@ -215,6 +227,20 @@ def main() -> None:
                         ["piece", "ms_per_step", "calls_per_step"])
     save_result("train_step_cost", {"dataset": args.dataset, "batch_size": args.batch_size, "set": args.set, "rows": rows,
                                     "target": "OT coupling <= 25% of an OT-NFM step at batch 256"}, args.out)
+
+
+def against_bare(args) -> None:
+    from step_overhead import compare
+
+    (name, config), = discover_methods(args.dataset, ["flow_matching"])
+    steps = args.steps if args.steps > 80 else 3000  # the per-piece default (80) is too short for a ratio
+    result = compare(config_args(config), steps, args.batch_size, warmup=max(args.warmup, 200), repeats=args.repeats)
+    ms = result["ms_per_step"]
+    print(f"{args.dataset}, batch {args.batch_size}, {steps} steps x {args.repeats} alternations, "
+          f"{torch.get_num_threads()} thread(s): onestep {ms['onestep']:.2f} ms/step, minimal Lightning "
+          f"{ms['lightning']:.2f}, bare loop {ms['bare']:.2f}; onestep / bare = {result['onestep_over_bare']:.2f}x "
+          f"(Lightning's own floor {result['lightning_over_bare']:.2f}x; target {result['target']})")
+    save_result("train_step_overhead", {"dataset": args.dataset, **result}, args.out)
 
 
 if __name__ == "__main__":
