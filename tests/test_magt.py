@@ -10,7 +10,8 @@ from torch import nn
 
 from conftest import fit_quietly
 from onestep.data import OneStepDataModule
-from onestep.generators.magt import MAGT, anchor_score, effective_sample_size, snis_weights
+from onestep.generators.magt import MAGT
+from onestep.generators.magt_anchors import anchor_score, effective_sample_size, snis_weights
 from onestep.generators.magt_density import intrinsic_log_density, project_to_manifold
 from onestep.metrics import wasserstein2
 

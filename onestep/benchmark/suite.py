@@ -55,9 +55,7 @@ the results, so it is not part of a cell's fingerprint.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
-import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -67,6 +65,8 @@ from typing import Annotated, Any, get_type_hints
 import yaml
 
 from onestep.benchmark.resources import ClusterResources, resources_from_dict
+from onestep.benchmark.suite_helpers import (check_override_key, expand_grid, fail as _fail, import_suite_modules,
+                                             resolve_path, to_cli_value)
 from onestep.options import AtLeastOne, Positive, Range, init_hints, value_problem
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+=,\[\]-]+$")
@@ -75,10 +75,6 @@ PROTOCOL_DEFAULTS: dict[str, Any] = {"n_samples": 2048, "reference_split": "test
                                      "w2_max_samples": 2048, "seed": 0, "every_n_steps": None}
 TOP_LEVEL_KEYS = ("name", "description", "methods", "datasets", "seeds", "budget", "data", "eval", "overrides",
                   "threads", "reference", "resources", "imports")
-
-
-def _fail(where: str, message: str) -> None:
-    raise ValueError(f"suite {where}: {message}")
 
 
 def _allowed(fn) -> set[str]:
@@ -269,75 +265,6 @@ class Suite:
                 "reference": self.reference, "resources": self.resources.as_dict(), "imports": list(self.imports)}
 
 
-# ------------------------------------------------------------------------------------------- helpers
-def import_suite_modules(modules: Any) -> tuple[str, ...]:
-    """Import a suite's ``imports:`` (module names), e.g. modules registering datasets with
-    ``@register_manifold``; the loader calls it, so the parent, every worker (each loads the suite) and
-    ``onestep report`` (from the saved ``suite.yaml``) all see the same registries. Raises ``ImportError``."""
-    if modules is None:
-        return ()
-    if not isinstance(modules, list) or any(not isinstance(m, str) or not re.match(r"^[A-Za-z_][\w.]*$", m)
-                                            for m in modules):
-        raise ImportError(f"suite imports: must be a list of module names such as [my_pkg.datasets], got {modules!r}")
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name and name.startswith(err.name):
-                raise ImportError(f"suite imports: no module {name!r} can be imported; put the folder that holds it "
-                                  "on PYTHONPATH (workers and onestep report inherit it) or install it") from None
-            raise ImportError(f"suite imports: importing {name!r} failed: {err}; install what it needs") from None
-        except Exception as err:  # noqa: BLE001 - a user's module may raise anything while importing
-            raise ImportError(f"suite imports: importing {name!r} failed: {type(err).__name__}: {err}") from None
-    return tuple(modules)
-
-
-def to_cli_value(value: Any) -> str:
-    """A YAML/JSON value as jsonargparse reads it from the command line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    return str(value)
-
-
-def check_override_key(where: str, key: Any) -> None:
-    if not isinstance(key, str) or not re.match(r"^[A-Za-z_][\w.]*$", key):
-        _fail(where, f"override key {key!r} must be a dotted option name such as model.init_args.lr")
-    if key == "trainer.max_steps" or key.startswith("eval.") or key in ("seed_everything", "out_dir", "run_name"):
-        _fail(where, f"override {key!r} is fixed by the suite (budget, eval protocol, seeds and run naming "
-              "are the same for every method); change the suite's budget/eval/seeds instead")
-
-
-def resolve_path(path: str, search: list[Path]) -> Path:
-    """``path`` itself if absolute, else the first of ``search / path`` that exists (else the first)."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    for base in search:
-        if (base / p).exists():
-            return base / p
-    return search[0] / p if search else p
-
-
-def _expand_grid(entry: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    grid = entry.pop("grid", None)
-    if grid is None:
-        return [entry]
-    if not isinstance(grid, dict) or not grid or any(not isinstance(v, list) or not v for v in grid.values()):
-        _fail(where, f"grid must map option names to non-empty lists of values, got {grid!r}")
-    keys = list(grid)
-    out = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        variant = dict(zip(keys, values))
-        label = ",".join(f"{k.rsplit('.', 1)[-1]}={to_cli_value(v)}" for k, v in variant.items())
-        out.append({**entry, "name": f"{entry['name']}[{label}]", "base_name": entry["name"], "variant": variant,
-                    "overrides": {**(entry.get("overrides") or {}), **variant}})
-    return out
-
-
 def _method_specs(raw: Any) -> tuple[MethodSpec, ...]:
     if not isinstance(raw, list) or not raw:
         _fail("methods", "must be a non-empty list of {name, config | class_path, ...} entries")
@@ -351,7 +278,7 @@ def _method_specs(raw: Any) -> tuple[MethodSpec, ...]:
         unknown = set(entry) - allowed
         if unknown:
             _fail(f"methods[{i}] ({entry['name']!r})", f"unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        for item in _expand_grid(dict(entry), f"methods[{i}] ({entry['name']!r})"):
+        for item in expand_grid(dict(entry), f"methods[{i}] ({entry['name']!r})"):
             if item.get("config") is not None:
                 item["config"] = str(item["config"])
             item["init_args"] = item.get("init_args") or {}

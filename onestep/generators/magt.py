@@ -21,7 +21,7 @@ K anchors ``u_k ~ q`` and self-normalised importance weights
 
 and the loss is ``lambda * mean_i ||m^(x~_i) - x_i||^2`` with ``lambda = 1/sigma^2`` by default, differentiated
 through both the anchor images and the weights. With ``q = pi`` the anchor score ``(m^ - x~)/sigma^2`` is
-exactly the score of the K-component mixture ``(1/K) sum_k N(g(u_k), sigma^2 I)`` (:func:`anchor_score`).
+exactly the score of the K-component mixture ``(1/K) sum_k N(g(u_k), sigma^2 I)`` (:func:`onestep.generators.magt_anchors.anchor_score`).
 
 Proposals: ``mc`` (i.i.d. prior draws) and ``qmc`` (scrambled Sobol points through the normal quantile):
 one anchor set shared by the minibatch, drawn fresh every step. ``map_laplace`` adds per data point draws
@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from onestep.generators.base import OneStepGenerator, _check
+from onestep.generators.magt_anchors import anchor_logits, effective_sample_size, snis_weights, weighted_mean
 from onestep.generators.magt_density import (DEGENERATE_SINGULAR_VALUE, intrinsic_log_density, jacobian,
                                              levenberg_marquardt, project_to_manifold, standard_normal_log_prob)
 from onestep.modules import datamodule_of, eval_mode
@@ -75,47 +76,6 @@ def standardization_statistics(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
            f"standardize={kind!r}: the training data have a coordinate of zero or non-finite spread; "
            "use standardize: global or none")
     return mean.float(), std.float()
-
-
-def anchor_logits(x_tilde: Tensor, images: Tensor, sigma: float) -> Tensor:
-    """``l_k(x~) = -||x~ - g_k||^2 / (2 sigma^2) + ||x~||^2 / (2 sigma^2)`` for images ``(K, D)`` (shared) or
-    ``(B, K, D)`` (per point): ``(B, K)``, float32 with autocast off.
-
-    The ``||x~||^2`` term is the same for every k and cancels in the softmax, so it is left out: the logits
-    are ``(2 <x~, g_k> - ||g_k||^2) / (2 sigma^2)``, free of large cancelling sums. Mixed precision would
-    round them (their spread is ``||x~ - g||^2 / (2 sigma^2)``) before the log-sum-exp, hence float32.
-    """
-    with torch.autocast(device_type=x_tilde.device.type, enabled=False):
-        x_tilde, images = x_tilde.float(), images.float()
-        inner = x_tilde @ images.T if images.ndim == 2 else torch.einsum("bd,bkd->bk", x_tilde, images)
-        sq_norm = images.pow(2).sum(-1)
-        return (2 * inner - (sq_norm[None] if images.ndim == 2 else sq_norm)) / (2 * sigma**2)
-
-
-def snis_weights(x_tilde: Tensor, images: Tensor, sigma: float, log_correction: Tensor | None = None) -> Tensor:
-    """Self-normalised weights ``w (B, K)``: ``softmax_k(l_k + log pi(u_k) - log q(u_k))`` in float32."""
-    logits = anchor_logits(x_tilde, images, sigma)
-    with torch.autocast(device_type=x_tilde.device.type, enabled=False):
-        if log_correction is not None:
-            logits = logits + log_correction.float()
-        return torch.softmax(logits, dim=-1)
-
-
-def weighted_mean(weights: Tensor, images: Tensor) -> Tensor:
-    """``m^ = sum_k w_k g_k``: ``(B, D)`` from ``w (B, K)`` and images ``(K, D)`` or ``(B, K, D)``, in float32."""
-    with torch.autocast(device_type=weights.device.type, enabled=False):
-        images = images.float()
-        return weights @ images if images.ndim == 2 else torch.einsum("bk,bkd->bd", weights, images)
-
-
-def anchor_score(x_tilde: Tensor, images: Tensor, sigma: float) -> Tensor:
-    """Anchor estimate of the smoothed model score, ``(m^(x~) - x~) / sigma^2`` (prior proposal)."""
-    return (weighted_mean(snis_weights(x_tilde, images, sigma), images) - x_tilde.float()) / sigma**2
-
-
-def effective_sample_size(weights: Tensor) -> Tensor:
-    """``1 / sum_k w_k^2`` per row: between 1 (one anchor carries all weight) and K (uniform)."""
-    return 1.0 / weights.pow(2).sum(-1)
 
 
 class MAGT(OneStepGenerator):
