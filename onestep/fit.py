@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from onestep.callbacks import EvaluationCallback
 from onestep.callbacks.fault import NonFiniteGuard, PreemptionCheckpoint, check_checkpoint_file
@@ -120,6 +121,11 @@ class OneStepCLI(LightningCLI):
                 save_dir=cfg.get("out_dir", "runs"), name=name, wandb=cfg.get("wandb", False),
                 project=cfg.get("wandb_project", "onestep"), group=cfg.get("wandb_group"),
                 tags=[method, label], config=cfg.as_dict())
+        if cfg.trainer.get("plugins") is None and SLURMEnvironment.detect():
+            # PreemptionCheckpoint answers SIGUSR1 (checkpoint between two batches, exit 0); Lightning's own SLURM
+            # handler would also requeue the job from outside training, on top of the job script or submitit
+            # (--launcher slurm) doing it: a second copy of the job. One requeue, theirs.
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
         if getattr(self.model, "trains_in_stages", False) and _plain_ddp(cfg.trainer):
             # the parameters of the stage not being trained get no gradient; plain DDP stops on that
             kwargs["strategy"] = "ddp_find_unused_parameters_true"

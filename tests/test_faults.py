@@ -207,3 +207,26 @@ def test_weights_only_refusal_is_explained(tmp_path):
     with pytest.raises(CheckpointCorruptedError, match="weights_only.*--weights_only false"):
         check_checkpoint_file(path)
     check_checkpoint_file(path, weights_only=False)  # trusted: fine
+
+
+SLURM_TASK = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "cell", "SLURM_NODELIST": "node1", "SLURM_PROCID": "0",
+              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "42", "SLURM_NTASKS_PER_NODE": "1"}
+
+
+@pytest.mark.parametrize("in_slurm", [True, False])
+def test_under_slurm_lightning_does_not_requeue_the_job_itself(tmp_path, monkeypatch, in_slurm):
+    """PreemptionCheckpoint answers SIGUSR1; Lightning's SLURM handler would requeue the job a second time on top
+    of the job script or submitit (--launcher slurm), so its auto-requeue is off under SLURM."""
+    for key, value in SLURM_TASK.items():
+        if in_slurm:
+            monkeypatch.setenv(key, value)
+        else:
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    cli = run_lightning(["--config", str(REPO / "configs/flow_matching"), "--data.dataset", "moons2d",
+                         "--trainer.max_steps", "1", "--out_dir", str(tmp_path), "--trainer.enable_progress_bar",
+                         "false"], run=False)
+    environment = cli.trainer._accelerator_connector.cluster_environment
+    assert type(environment).__name__ == ("SLURMEnvironment" if in_slurm else "LightningEnvironment")
+    if in_slurm:
+        assert environment.auto_requeue is False
