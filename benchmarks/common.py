@@ -212,3 +212,18 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def fit_cli(args: list[str], steps: int, batch_size: int, out_dir: str):
+    """``onestep fit`` over ``args`` built but not run (model, datamodule, trainer), for ``steps`` steps at
+    ``batch_size`` on CPU, without evaluation, progress bar or model summary, writing under ``out_dir``."""
+    from onestep.fit import run_lightning
+
+    args = [*args, f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}", "--eval.every_n_steps=null",
+            "--eval.at_end=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--out_dir={out_dir}", "--trainer.accelerator=cpu"]
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI would read the script's own arguments
+    try:
+        return run_lightning(args=args, run=False)
+    finally:
+        sys.argv = argv

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import tempfile
 import time
 
@@ -63,29 +62,15 @@ class MinimalModule(L.LightningModule):
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=0.0)
 
 
-def onestep_cell(config_args: list[str], steps: int, batch_size: int, tmp: str):
-    """The model, datamodule and trainer of ``onestep fit`` (not yet fitted) and a batch clock in it."""
-    from onestep.fit import run_lightning
-
-    args = [*config_args, *ISSUE_OPTIONS, f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}",
-            "--eval.every_n_steps=null", "--eval.at_end=false", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", f"--out_dir={tmp}", "--trainer.accelerator=cpu"]
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        cli = run_lightning(args=args, run=False)
-    finally:
-        sys.argv = argv
-    clock = BatchClock()
-    cli.trainer.callbacks.append(clock)
-    return cli, clock
-
-
 def run_onestep(config_args, steps, batch_size, warmup) -> tuple[float, torch.nn.Module, torch.Tensor, float]:
+    from common import fit_cli
+
     with tempfile.TemporaryDirectory() as tmp:
-        cli, clock = onestep_cell(config_args, steps, batch_size, tmp)
+        cli = fit_cli([*config_args, *ISSUE_OPTIONS], steps, batch_size, tmp)
+        clock = BatchClock()
+        cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        data = cli.datamodule.train_data
-        return mean_step(clock.starts, warmup), cli.model.net, data, cli.model.lr
+        return mean_step(clock.starts, warmup), cli.model.net, cli.datamodule.train_data, cli.model.lr
 
 
 def run_lightning_minimal(net, data, lr, steps, batch_size, warmup) -> float:

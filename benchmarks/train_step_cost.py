@@ -35,7 +35,7 @@ import threading
 import time
 from collections import defaultdict
 
-from common import base_parser, config_args, discover_methods, print_table, save_result, setup
+from common import base_parser, config_args, discover_methods, fit_cli, print_table, save_result, setup
 import torch
 from lightning.pytorch import Callback
 
@@ -148,18 +148,8 @@ def restore(replaced: list[tuple[object, str, object]]) -> None:
 
 
 def run_method(name: str, config, steps: int, batch_size: int, warmup: int, extra: list[str]) -> list[dict]:
-    from onestep.cli import run_lightning
-
     with tempfile.TemporaryDirectory() as tmp:
-        args = [*config_args(config), f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}",
-                "--eval.every_n_steps=null", "--eval.at_end=false", "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false", f"--out_dir={tmp}", "--trainer.accelerator=cpu"]
-        args += [f"--{item}" for item in extra]
-        argv, sys.argv = sys.argv, sys.argv[:1]
-        try:
-            cli = run_lightning(args=args, run=False)
-        finally:
-            sys.argv = argv
+        cli = fit_cli([*config_args(config), *(f"--{item}" for item in extra)], steps, batch_size, tmp)
         timers = StepTimers()
         replaced = install(cli.model, timers)
         cli.trainer.callbacks.append(timers)
