@@ -214,14 +214,15 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
 
-def fit_cli(args: list[str], steps: int, batch_size: int, out_dir: str):
+def fit_cli(args: list[str], steps: int, batch_size: int, out_dir: str, accelerator: str = "cpu"):
     """``onestep fit`` over ``args`` built but not run (model, datamodule, trainer), for ``steps`` steps at
-    ``batch_size`` on CPU, without evaluation, progress bar or model summary, writing under ``out_dir``."""
+    ``batch_size`` on ``accelerator``, without evaluation, progress bar or model summary, writing under
+    ``out_dir``."""
     from onestep.fit import run_lightning
 
     args = [*args, f"--trainer.max_steps={steps}", f"--data.batch_size={batch_size}", "--eval.every_n_steps=null",
             "--eval.at_end=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--out_dir={out_dir}", "--trainer.accelerator=cpu"]
+            f"--out_dir={out_dir}", f"--trainer.accelerator={accelerator}", "--trainer.devices=1"]
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI would read the script's own arguments
     try:
         return run_lightning(args=args, run=False)

@@ -10,7 +10,9 @@ Parts, in order (``--cpu``: the same on the CPU at smoke sizes):
    NFE against flow matching at 100 Euler steps on the same backbone, timed in alternation in one process.
 3. ``ddp``: ``onestep fit --trainer.strategy ddp --trainer.devices -1`` (every visible GPU) on flow matching.
 4. ``metrics``: ``benchmarks/metric_cost.py`` on 10,000 MNIST samples (the whole evaluation protocol).
-5. ``fid``: Inception FID of the trained flow-matching cell, only where torchvision, torch-fidelity and an
+5. ``overhead``: ``benchmarks/train_step_cost.py --against_bare`` on the device: a ``onestep fit`` step of
+   flow matching on 8gaussians (MLP 3x256, batch 256) against a bare PyTorch loop and a minimal Lightning loop.
+6. ``fid``: Inception FID of the trained flow-matching cell, only where torchvision, torch-fidelity and an
    Inception weights file (``$ONESTEP_INCEPTION_WEIGHTS``) are present; otherwise skipped with the reason.
 
 Writes ``<out>/gpu_check.json`` (atomically, after every part) and ``<out>/gpu_check.md``. The parts'
@@ -33,7 +35,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("flow_matching", "otnfm", "magt", "characteristic", "lmppm")
+#: every method folder with an image default: the seeds, the reference and the one-step families
+METHODS = tuple(sorted(p.parent.name for p in (REPO / "configs").glob("*/image.yaml")))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -122,6 +125,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {r['method']} | {r.get('nfe')} | {r.get('samples_per_s', 0):,.0f} | "
                   f"{r.get('fm100_samples_per_s', 0):,.0f} | {r.get('ratio_vs_fm100', 0):.1f}x |"
                   for r in speed if "error" not in r]
+    overhead = report["parts"].get("overhead", {}).get("result")
+    if overhead:
+        ms = overhead["ms_per_step"]
+        lines += ["", f"Per-step cost, flow matching on 8gaussians (MLP 3x256, batch 256, {overhead['steps']} steps): "
+                  f"onestep {ms['onestep']:.2f} ms, minimal Lightning {ms['lightning']:.2f} ms, bare loop "
+                  f"{ms['bare']:.2f} ms; onestep / bare {overhead['onestep_over_bare']:.2f}x."]
     return "\n".join(lines) + "\n"
 
 
@@ -152,14 +161,14 @@ def main() -> None:
     suite = out / "gpu_check_suite.yaml"
     write_atomic(suite, yaml.safe_dump(suite_yaml(steps, cpu), sort_keys=False))
     part = run_part(["onestep", "benchmark", "--suite", str(suite), "--out", str(out / "train"), "--no-report"],
-                    240 * scale, out / "train.log")
+                    270 * scale, out / "train.log")
     report["parts"]["train"] = {**part, "rows": train_rows(out / "train" / "results.jsonl")}
     save()
 
     n = "16" if cpu else "1024"
     part = run_part([sys.executable, "benchmarks/sampling_speed.py", "--datasets", "mnist", "--device", device,
                      "--n", n, "--repeats", "2" if cpu else "5", "--out", str(out / "sampling_speed.json")],
-                    90 * scale, out / "sampling.log")
+                    80 * scale, out / "sampling.log")
     speed_file = out / "sampling_speed.json"
     report["parts"]["sampling"] = {**part, "rows": json.loads(speed_file.read_text())["rows"]
                                    if speed_file.exists() else []}
@@ -172,16 +181,26 @@ def main() -> None:
            "--out_dir", str(out / "ddp"), "--run_name", "ddp", "--trainer.enable_progress_bar", "false"]
     ddp += (["--trainer.accelerator", "cpu", "--trainer.devices", "1"] if cpu else
             ["--trainer.accelerator", "gpu", "--trainer.devices", "-1", "--trainer.precision", "bf16-mixed"])
-    report["parts"]["ddp"] = run_part(ddp, 90 * scale, out / "ddp.log")
+    report["parts"]["ddp"] = run_part(ddp, 60 * scale, out / "ddp.log")
     save()
 
     sizes = ["256"] if cpu else ["10000"]
     part = run_part([sys.executable, "benchmarks/metric_cost.py", "--datasets", "mnist", "--sizes", *sizes,
-                     "--device", device, "--out", str(out / "metric_cost.json")], 90 * scale, out / "metrics.log")
+                     "--device", device, "--out", str(out / "metric_cost.json")], 60 * scale, out / "metrics.log")
     report["parts"]["metrics"] = part
     save()
 
-    report["parts"]["fid"] = fid_part(out, cpu, 60 * scale)
+    overhead_file = out / "train_step_overhead.json"
+    part = run_part([sys.executable, "benchmarks/train_step_cost.py", "--against_bare", "--device", device,
+                     "--threads", "1", "--steps", "300" if cpu else "2000", "--repeats", "1",
+                     "--out", str(overhead_file)], 50 * scale, out / "overhead.log")
+    report["parts"]["overhead"] = {**part, **({"result": {k: v for k, v in json.loads(overhead_file.read_text()).items()
+                                                          if k in ("ms_per_step", "onestep_over_bare",
+                                                                   "lightning_over_bare", "steps")}}
+                                              if overhead_file.exists() else {})}
+    save()
+
+    report["parts"]["fid"] = fid_part(out, cpu, 50 * scale)
     save()
     print((out / "gpu_check.md").read_text())
     failed = [name for name, p in report["parts"].items() if str(p.get("status", "")).startswith("failed")]

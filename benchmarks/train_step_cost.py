@@ -194,9 +194,9 @@ def main() -> None:
                         help="the framework's step against a bare loop and a minimal Lightning loop (flow matching)")
     parser.add_argument("--repeats", type=int, default=3, help="--against_bare: alternations of the three loops")
     args = parser.parse_args()
-    setup(args)
+    device = setup(args)
     if args.against_bare:
-        return against_bare(args)
+        return against_bare(args, device)
     rows = []
     for name, config in discover_methods(args.dataset, args.methods):
         try:
@@ -219,14 +219,15 @@ def main() -> None:
                                     "target": "OT coupling <= 25% of an OT-NFM step at batch 256"}, args.out)
 
 
-def against_bare(args) -> None:
+def against_bare(args, device) -> None:
     from step_overhead import compare
 
     (name, config), = discover_methods(args.dataset, ["flow_matching"])
     steps = args.steps if args.steps > 80 else 3000  # the per-piece default (80) is too short for a ratio
-    result = compare(config_args(config), steps, args.batch_size, warmup=max(args.warmup, 200), repeats=args.repeats)
+    result = compare(config_args(config), steps, args.batch_size, warmup=min(max(args.warmup, 200), steps // 4),
+                     repeats=args.repeats, device=device)
     ms = result["ms_per_step"]
-    print(f"{args.dataset}, batch {args.batch_size}, {steps} steps x {args.repeats} alternations, "
+    print(f"{args.dataset} on {device}, batch {args.batch_size}, {steps} steps x {args.repeats} alternations, "
           f"{torch.get_num_threads()} thread(s): onestep {ms['onestep']:.2f} ms/step, minimal Lightning "
           f"{ms['lightning']:.2f}, bare loop {ms['bare']:.2f}; onestep / bare = {result['onestep_over_bare']:.2f}x "
           f"(Lightning's own floor {result['lightning_over_bare']:.2f}x; target {result['target']})")

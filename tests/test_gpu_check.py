@@ -44,6 +44,15 @@ def test_train_rows_and_markdown_from_records(tmp_path):
     assert rows[1]["steps_per_s"] is None and rows[1]["status"] == "failed"
     report = {"date": "d", "steps": 300, "precision": "bf16-mixed",
               "environment": {"device": "NVIDIA H100", "torch": "2.11"},
-              "parts": {"train": {"status": "ok", "seconds": 50, "rows": rows}, "fid": {"status": "skipped: x"}}}
+              "parts": {"train": {"status": "ok", "seconds": 50, "rows": rows}, "fid": {"status": "skipped: x"},
+                        "overhead": {"status": "ok", "result": {"steps": 2000, "onestep_over_bare": 1.234,
+                                                                "ms_per_step": {"onestep": 2.5, "lightning": 2.2,
+                                                                                "bare": 2.0}}}}}
     text = gpu_check.markdown(report)
     assert "NVIDIA H100" in text and "| otnfm | ok |" in text and "25" in text and "skipped: x" in text
+    assert "onestep 2.50 ms, minimal Lightning 2.20 ms, bare loop 2.00 ms; onestep / bare 1.23x" in text
+
+
+def test_the_check_trains_the_seeds_the_reference_and_the_families():
+    assert {"flow_matching", "otnfm", "magt", "characteristic", "lmppm", "gan", "imle", "consistency",
+            "meanflow"} <= set(gpu_check.METHODS)
