@@ -287,9 +287,17 @@ def test_grid_expands_into_named_variants_and_cells():
 
 
 def test_shipped_suites_load_and_list_every_method():
-    for name in ("quick", "toy", "toy_extra", "mnist"):
+    for name in ("quick", "toy", "toy_extra", "mnist"):  # (mnist_backbone: a measurement of two methods)
         suite = load_suite(REPO / "configs" / "suites" / f"{name}.yaml")
         assert {"flow_matching", "otnfm", "magt", "characteristic", "lmppm"} <= {m.name for m in suite.methods}
+
+
+def test_the_backbone_measurement_suite_gives_each_candidate_the_same_minutes():
+    suite = load_suite(REPO / "configs" / "suites" / "mnist_backbone.yaml")
+    backbones = {m.name: m.overrides.get("model.init_args.backbone", "config") for m in suite.methods}
+    assert backbones["fm_mlp1024"] == backbones["otnfm_mlp1024"] == {"name": "mlp", "hidden": [1024, 1024, 1024]}
+    assert backbones["fm_unet32"] == backbones["otnfm_unet32"] == "config"
+    assert suite.budget.minutes == 8 and suite.budget.max_steps is None and list(suite.datasets) == ["mnist"]
 
 
 def test_wandb_flag_without_wandb_fails_before_training(tmp_path, capsys, monkeypatch):
