@@ -287,7 +287,7 @@ def test_grid_expands_into_named_variants_and_cells():
 
 
 def test_shipped_suites_load_and_list_every_method():
-    for name in ("quick", "toy", "toy_extra", "mnist"):  # (mnist_backbone: a measurement of two methods)
+    for name in ("quick", "toy", "toy_extra", "mnist", "mnist_cpu"):  # (mnist_backbone: a measurement)
         suite = load_suite(REPO / "configs" / "suites" / f"{name}.yaml")
         assert {"flow_matching", "otnfm", "magt", "characteristic", "lmppm"} <= {m.name for m in suite.methods}
 
@@ -465,3 +465,42 @@ def test_sigterm_to_a_parallel_run_stops_the_workers_and_a_rerun_resumes(tmp_pat
     latest = {r["seed"]: r for r in read_records(out / "results.jsonl")}
     assert all(latest[s]["status"] == "ok" and latest[s]["budget"]["used"]["steps"] == 3000 for s in (0, 1, 2))
     assert latest[0]["resumed_from"]  # the interrupted cell went on from its checkpoint
+
+
+def test_the_mnist_cpu_suite_builds_every_method_on_the_measured_backbone(tmp_path):
+    """Every method folder with an image config is in the suite, each cell's `onestep fit` configuration is
+    accepted, and every image-to-image network is the UNet-16 the backbone measurement chose."""
+    from onestep.benchmark.cell import _configure, cell_args
+    from onestep.nets import UNet
+
+    suite = load_suite(REPO / "configs" / "suites" / "mnist_cpu.yaml")
+    image_methods = {p.parent.name for p in (REPO / "configs").glob("*/image.yaml")}
+    assert {Path(m.config).name for m in suite.methods} == image_methods
+    assert list(suite.datasets) == ["mnist", "fashion_mnist"] and suite.budget.max_steps
+    for cell in suite.cells():
+        if cell.dataset != "mnist":
+            continue
+        model = _configure(cell_args(suite, cell, tmp_path)).model
+        unets = [m for m in model.modules() if isinstance(m, UNet)]
+        widths = {u.input_conv.out_channels for u in unets}
+        levels = {u.channel_mult for u in unets}
+        if cell.method.name in ("magt", "gan", "lmppm"):  # latent to image: their conv decoders
+            assert not unets, cell.method.name
+        else:
+            assert widths == {16} and levels == {(1, 2)}, (cell.method.name, widths, levels)
+
+
+def test_image_rows_put_real_images_first_and_one_row_per_method(tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    from onestep.benchmark.figures import image_rows
+
+    real = torch.zeros(12, 1, 8, 8)  # black real row, white method rows: the rows are told apart by colour
+    samples = {("mnist", "fm"): torch.ones(20, 1, 8, 8), ("mnist", "gan"): torch.ones(12, 1, 8, 8)}
+    path = image_rows(samples, real, "mnist", ["fm", "gan", "magt"], tmp_path / "rows.png", per_row=6)
+    grey = imread(path)[..., :3].mean(-1)
+    # the image axes span the right part of the figure; sample one column of it through every row
+    column = grey[:, int(0.9 * grey.shape[1])]
+    dark = np.flatnonzero(column < 0.2)
+    assert len(dark) and dark.max() < len(column) / 4  # the real (black) images: the first of four rows only

@@ -87,7 +87,7 @@ def random_flow_matching(shape, backbone) -> FlowMatching:
 
 # ---------------------------------------------------------------------------------------------- the map
 @pytest.mark.parametrize("interpolant", ["linear", "follmer"])
-@pytest.mark.parametrize("shape,backbone", [((3,), MLP), ((1, 8, 8), UNET)])
+@pytest.mark.parametrize("shape,backbone", [((3,), MLP), ((1, 8, 8), UNET), ((1, 8, 8), MLP)])
 def test_map_is_exactly_the_identity_at_equal_times(interpolant, shape, backbone):
     torch.manual_seed(0)
     gen = CharacteristicGenerator(data_shape=shape, backbone=backbone, teacher_steps=5, interpolant=interpolant)
@@ -118,7 +118,7 @@ def test_map_with_teacher_prediction_is_one_teacher_step():
         assert torch.allclose(gen._map_with(teacher.net(x[:1], s[:1]), x[:1], s[:1], t[:1]), one_step, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,backbone", [((3,), MLP), ((1, 8, 8), UNET)])
+@pytest.mark.parametrize("shape,backbone", [((3,), MLP), ((1, 8, 8), UNET), ((1, 8, 8), MLP)])
 def test_student_initialised_from_follmer_teacher_makes_exponential_integrator_steps(shape, backbone):
     torch.manual_seed(0)
     gen = CharacteristicGenerator(data_shape=shape, backbone=backbone, teacher_steps=5, interpolant="follmer")
@@ -136,6 +136,14 @@ def test_student_initialised_from_follmer_teacher_makes_exponential_integrator_s
         assert torch.allclose(gen.map(x, s, t), ddim, atol=1e-5)
         assert torch.allclose(gen.teacher_step(x, s, t, exact=True), ddim, atol=1e-5)
 
+
+
+def test_mlp_on_images_reads_the_target_time_once():
+    """An MLP student on images gets the t features as extra coordinates of the flattened input, not as
+    constant channels (16 x H x W extra input columns)."""
+    gen = CharacteristicGenerator(data_shape=(1, 8, 8), backbone=MLP, teacher_steps=5)
+    first = gen.student.net.net[0]
+    assert first.in_features == 64 + gen.student.t_features + MLP["time_dim"]
 
 def test_exponential_integrator_is_exact_for_a_point_mass():
     # data = delta(mu): d = mu and x_t = alpha_t z + t mu; one step lands on the exact trajectory

@@ -3,6 +3,7 @@
 * qualitative grid: datasets (rows) x [data, methods...] (columns), each cell's saved final samples
   (``final_samples.pt``, raw units) over the reference data; vectors of dimension > 2 are projected on the
   reference's first two principal axes; images are tiled;
+* image rows (image datasets): a row of real images, then one row per method;
 * headline metric against NFE (one point per method, mean ± std over seeds; lines for ``nfe_sweep``);
 * headline metric against training time (one point per cell);
 * sampling speed (samples/s of the protocol's timed draw, mean over seeds, log scale);
@@ -88,6 +89,29 @@ def qualitative_grid(samples: dict[tuple[str, str], torch.Tensor], references: d
                 p = project(x)
                 ax.scatter(p[:, 0], p[:, 1], color=_color(methods, column), **style)
     fig.tight_layout()
+    return atomic_savefig(fig, path)
+
+
+def image_rows(samples: dict[tuple[str, str], torch.Tensor], reference: torch.Tensor, dataset: str,
+               methods: list[str], path: Path, per_row: int = 12) -> Path:
+    """One image dataset: a row of real images, then one row per method (its first ``per_row`` final
+    samples, raw units in [0, 1]); a method without samples gets an empty row saying so."""
+    from matplotlib.figure import Figure
+
+    rows = [("data", reference), *[(m, samples.get((dataset, m))) for m in methods]]
+    fig = Figure(figsize=(0.62 * per_row + 1.6, 0.7 * len(rows) + 0.3), dpi=100)
+    for r, (label, x) in enumerate(rows):
+        ax = fig.add_subplot(len(rows), 1, r + 1)
+        ax.set_xticks([]), ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        if x is None or x.dim() != 4:
+            ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            continue
+        strip = make_grid(x[:per_row], nrow=per_row)
+        ax.imshow(strip[..., 0] if x.shape[1] == 1 else strip, cmap="gray", vmin=0, vmax=1, aspect="equal")
+    fig.subplots_adjust(left=0.17, right=0.99, top=0.99, bottom=0.01, hspace=0.08)
     return atomic_savefig(fig, path)
 
 

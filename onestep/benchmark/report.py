@@ -155,6 +155,9 @@ def make_figures(out_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
                                               fig_dir / "metric_vs_time.png"),
         "sampling_speed": figs.sampling_speed(groups, methods, fig_dir / "sampling_speed.png"),
     }
+    for d, ref in references.items():
+        if ref.dim() == 4:
+            out[f"samples_{d}"] = figs.image_rows(samples, ref, d, methods, fig_dir / f"samples_{d}.png")
     sens = figs.sensitivity(groups, metric_of, floor_value, fig_dir / "sensitivity.png")
     if sens is not None:
         out["sensitivity"] = sens
@@ -169,6 +172,13 @@ FIGURE_CAPTIONS = {
     "sampling_speed": "Sampling throughput of the protocol's timed draw (samples per second, mean over seeds).",
     "sensitivity": "Sensitivity of grid-expanded methods to each swept option (mean ± std over seeds).",
 }
+
+
+def figure_caption(name: str) -> str:
+    if name.startswith("samples_"):
+        return (f"{name[len('samples_'):]}: a row of real test images, then one row per method (its first "
+                "final samples, first finished seed).")
+    return FIGURE_CAPTIONS.get(name, "")
 
 
 def _header(data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -210,7 +220,7 @@ def _markdown(data: dict[str, Any], figures: dict[str, Path], out_dir: Path) -> 
             parts += ["Failed or missing cells:", ""] + [f"- {f}" for f in data["failures"][d]] + [""]
     parts += [DIRECTION_NOTE, "", "## Figures", ""]
     for name, path in figures.items():
-        parts += [f"### {name.replace('_', ' ')}", "", FIGURE_CAPTIONS.get(name, ""), "",
+        parts += [f"### {name.replace('_', ' ')}", "", figure_caption(name), "",
                   f"![{name}]({os.path.relpath(path, out_dir)})", ""]
     return "\n".join(parts)
 
@@ -237,7 +247,7 @@ def _html(data: dict[str, Any], figures: dict[str, Path], out_dir: Path) -> str:
     for name, path in figures.items():
         encoded = base64.b64encode(Path(path).read_bytes()).decode()
         parts += [f"<h3>{html.escape(name.replace('_', ' '))}</h3><p class=note>"
-                  f"{html.escape(FIGURE_CAPTIONS.get(name, ''))}</p>",
+                  f"{html.escape(figure_caption(name))}</p>",
                   f"<img alt='{html.escape(name)}' src='data:image/png;base64,{encoded}'>"]
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -279,7 +289,7 @@ def log_summary_to_wandb(data: dict[str, Any], figures: dict[str, Path], project
     for name, table in tables.items():
         run.log({f"tables/{name}": wandb.Table(columns=table.columns, data=[[t for t, _ in row] for row in table.rows])})
     for name, path in figures.items():
-        run.log({f"figures/{name}": wandb.Image(str(path), caption=FIGURE_CAPTIONS.get(name, ""))})
+        run.log({f"figures/{name}": wandb.Image(str(path), caption=figure_caption(name))})
     run.finish()
 
 

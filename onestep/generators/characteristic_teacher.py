@@ -116,9 +116,10 @@ class TwoTimeNet(nn.Module):
 
     ``target_time_input`` says where ``t`` enters:
 
-    * ``input``: sinusoidal features of ``t`` are appended to the input (extra coordinates for vectors,
-      extra constant channels for images), so any ``mlp`` or ``unet`` backbone takes two times unchanged;
-      for an MLP this is how it sees ``s`` too, for a UNet ``t`` then reaches only the input convolution;
+    * ``input``: sinusoidal features of ``t`` are appended to the input (extra coordinates of the flattened
+      input for an ``mlp``, on vectors or images; extra constant channels for a ``unet``), so either
+      backbone takes two times unchanged; for an MLP this is how it sees ``s`` too, for a UNet ``t`` then
+      reaches only the input convolution;
     * ``blocks`` (UNet only, the authors' code): the UNet's ``second_time`` (:mod:`onestep.nets.unet`):
       ``t`` gets its own embedding MLP (on ``t_features`` sinusoidal features), and every residual block a
       FiLM layer of its own whose (scale, shift) is added to the block's ``s`` FiLM output.
@@ -149,8 +150,11 @@ class TwoTimeNet(nn.Module):
                         "second_time": True, "second_time_features": self.t_features}
             self.net = build_backbone(two_time, self.data_shape, self.data_shape)
             return
-        if len(self.data_shape) == 1:
-            in_shape: tuple[int, ...] = (self.data_shape[0] + self.t_features,)
+        # an MLP reads the flattened input: the t features are appended once, not as constant channels
+        # (on 28x28 images channels would add 16 x 784 input columns to its first layer)
+        self.flat = len(self.data_shape) == 1 or name == "mlp"
+        if self.flat:
+            in_shape: tuple[int, ...] = (math.prod(self.data_shape) + self.t_features,)
         else:
             in_shape = (self.data_shape[0] + self.t_features, *self.data_shape[1:])
         self.t_embed = SinusoidalTimeEmbedding(self.t_features)
@@ -168,7 +172,9 @@ class TwoTimeNet(nn.Module):
         if self.target_time_input == "blocks":  # the UNet's second time is the target time
             return self.net(x, as_batch_time(s, len(x), like=x), as_batch_time(t, len(x), like=x))
         feats = self.t_embed(as_batch_time(t, len(x), like=x)).to(x.dtype)
-        if x.dim() == 4:
+        if self.flat:
+            x = x.flatten(1)
+        else:
             feats = feats[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         return self.net(torch.cat([x, feats], dim=1), as_batch_time(s, len(x), like=x))
 
@@ -180,7 +186,7 @@ class TwoTimeNet(nn.Module):
             return None
         # a Linear layer reads the flattened input, a convolution reads channels
         n_data = math.prod(self.data_shape) if student.dim() == 2 else self.data_shape[0]
-        n_extra = self.t_features * (math.prod(self.data_shape[1:]) if student.dim() == 2 else 1)
+        n_extra = self.t_features
         return n_data if student.shape[1] - teacher.shape[1] == n_extra else None
 
     def check_compatible(self, teacher_net: nn.Module) -> None:
