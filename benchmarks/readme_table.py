@@ -1,11 +1,16 @@
 """The README's results table from a finished suite: W2 mean ± std over seeds and its ratio to the data floor.
 
     python benchmarks/readme_table.py results/toy [--metric w2] [--methods flow_matching gan imle]
+    python benchmarks/readme_table.py results/mnist_cpu --images
 
 One row per dataset: the floor (mean over disjoint train chunks, as in the report), then every method's
 ``mean ± std (ratio to the floor)``; bold marks the best mean of the row. Cells that did not finish are shown
 as ``n/k seeds``. ``--methods`` keeps those columns (in the suite's order), e.g. to split a wide suite into two
 tables; bold is then the best of the columns shown. Run ``onestep report <dir>`` first so that ``floors.json`` exists (it is computed otherwise).
+
+``--images`` (one seed, image datasets): one row per method, the floor last; per dataset the headline FD (the
+LeNet space; ratio to the floor), the pixel FD, precision / recall in the LeNet space and the steps the
+budget allowed; then NFE and the images/s of the timed draw (first dataset).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import yaml
 
 from onestep.benchmark.floor import floor_for, load_floors
 from onestep.benchmark.records import latest_by_cell, read_records
+from onestep.benchmark.tables import primary_metric
 
 
 def main() -> None:
@@ -25,6 +31,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--metric", default="w2")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods' columns")
+    parser.add_argument("--images", action="store_true", help="image datasets: one row per method")
     args = parser.parse_args()
     latest = latest_by_cell(read_records(args.out_dir / "results.jsonl"))
     suite = yaml.safe_load((args.out_dir / "suite.yaml").read_text())  # the suite's order of methods and sets
@@ -33,6 +40,8 @@ def main() -> None:
     datasets = [d for d in suite["datasets"] if any(d == k[1] for k in latest)]
     seeds = sorted({s for _, _, s in latest})
     cache = load_floors(args.out_dir)
+    if args.images:
+        return image_table(args.out_dir, latest, methods, datasets, cache)
     print("| dataset | floor | " + " | ".join(methods) + " |")
     print("|---" * (len(methods) + 2) + "|")
     for dataset in datasets:
@@ -54,6 +63,41 @@ def main() -> None:
                 text += f" {len(values)}/{len(seeds)} seeds"
             cells.append(f"**{text}**" if means[m] == best else text)
         print(f"| {dataset} | {floor:.3f} | " + " | ".join(cells) + " |")
+
+
+def image_table(out_dir: Path, latest: dict, methods: list[str], datasets: list[str], cache: dict) -> None:
+    first = {d: next(r for (_, rd, _), r in latest.items() if rd == d and r["status"] == "ok") for d in datasets}
+    headline = {d: primary_metric(first[d]["metrics"]) for d in datasets}
+    floors = {d: floor_for(out_dir, first[d]["data_config"], first[d]["protocol"], cache)["metrics"] for d in datasets}
+    header = ["method", "NFE"]
+    for d in datasets:
+        header += [f"{d} FD ({headline[d][3:]})", f"{d} FD (pixels)", f"{d} precision / recall", f"{d} steps"]
+    print("| " + " | ".join([*header, "images/s"]) + " |")
+    print("|---" * (len(header) + 1) + "|")
+    best = {d: min(r["metrics"][headline[d]] for (m, rd, _), r in latest.items() if rd == d and r["status"] == "ok"
+                   and m in methods) for d in datasets}
+    for m in methods:
+        rows = {d: next((r for (rm, rd, _), r in latest.items() if rm == m and rd == d and r["status"] == "ok"), None)
+                for d in datasets}
+        some = next((r for r in rows.values() if r), None)
+        cells = [m, f"{some['nfe']:g}" if some and some.get("nfe") is not None else ""]
+        for d in datasets:
+            r = rows[d]
+            if r is None:
+                cells += ["not run", "", "", ""]
+                continue
+            metrics, key = r["metrics"], headline[d]
+            fd = f"{metrics[key]:.1f} ({metrics[key] / floors[d][key]:.1f}x)"
+            cells += [f"**{fd}**" if metrics[key] == best[d] else fd, f"{metrics['fd_pixels']:.2f}",
+                      f"{metrics['precision']:.2f} / {metrics['recall']:.2f}", f"{r['budget']['used']['steps']:,}"]
+        speed = rows[datasets[0]]["metrics"].get("samples_per_s") if rows[datasets[0]] else None
+        print("| " + " | ".join([*cells, f"{speed:,.1f}" if speed else ""]) + " |")
+    floor_cells = ["*data floor*", ""]
+    for d in datasets:
+        f = floors[d]
+        floor_cells += [f"*{f[headline[d]]:.1f}*", f"*{f['fd_pixels']:.2f}*",
+                        f"*{f['precision']:.2f} / {f['recall']:.2f}*", ""]
+    print("| " + " | ".join([*floor_cells, ""]) + " |")
 
 
 if __name__ == "__main__":
