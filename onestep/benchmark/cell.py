@@ -204,7 +204,7 @@ def _cell_identity(suite: Suite, cell: Cell) -> dict[str, Any]:
 
 
 def _wandb_summary(record: dict[str, Any], eval_cb) -> dict[str, Any]:
-    """The cell's W&B run summary: status, and the headline metric (FD in the last feature space, else W2;
+    """The cell's W&B run summary: status, and the headline metric (FD in the most semantic feature space, else W2;
     lower is better) at the end and at its best evaluation."""
     status = record["status"] if record["status"] == "ok" or record.get("error") else "interrupted"
     summary: dict[str, Any] = {"status": status}

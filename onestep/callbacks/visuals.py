@@ -16,12 +16,20 @@ from torch import Tensor
 from onestep.files import atomic_savefig
 
 
+def headline_fd(keys) -> str | None:
+    """The FD key of the most semantic feature space among ``keys`` (Inception, then a LeNet or a user's own
+    space, pixels last), else None. Ranked by name, not by key order: records are stored with sorted keys,
+    which put ``fd_pixels`` after ``fd_lenet-mnist``."""
+    fds = [k for k in keys if k.startswith("fd_")]
+    return min(fds, key=lambda k: (0 if k == "fd_inception" else 2 if k == "fd_pixels" else 1, k)) if fds else None
+
+
 def headline_metrics(metrics: dict[str, float]) -> list[tuple[str, float]]:
-    """The metrics a title or a progress line shows: FD in the last feature space (else W2), then precision and
-    recall for FD (off-manifold fraction for W2 on a manifold). Keys with or without the ``eval/`` prefix."""
+    """The metrics a title or a progress line shows: FD in the most semantic feature space (else W2), then
+    precision and recall for FD (off-manifold fraction for W2 on a manifold). Keys with or without ``eval/``."""
     plain = {k.removeprefix("eval/"): v for k, v in metrics.items()}
-    fds = [k for k in plain if k.startswith("fd_")]
-    keys = [fds[-1], "precision", "recall"] if fds else ["w2", "offmanifold"]
+    fd = headline_fd(plain)
+    keys = [fd, "precision", "recall"] if fd else ["w2", "offmanifold"]
     return [(k, float(plain[k])) for k in keys if plain.get(k) is not None]
 
 
