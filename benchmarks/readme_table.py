@@ -2,6 +2,7 @@
 
     python benchmarks/readme_table.py results/toy [--metric w2] [--methods flow_matching gan imle]
     python benchmarks/readme_table.py results/mnist_cpu --images
+    python benchmarks/readme_table.py results/mnist_cpu_tuning --against results/mnist_cpu
 
 One row per dataset: the floor (mean over disjoint train chunks, as in the report), then every method's
 ``mean ± std (ratio to the floor)``; bold marks the best mean of the row. Cells that did not finish are shown
@@ -11,6 +12,10 @@ tables; bold is then the best of the columns shown. Run ``onestep report <dir>``
 ``--images`` (one seed, image datasets): one row per method, the floor last; per dataset the headline FD (the
 LeNet space; ratio to the floor), the pixel FD, precision / recall in the LeNet space and the steps the
 budget allowed; then NFE and the images/s of the timed draw (first dataset).
+
+``--against BASE`` (a suite of grid variants of BASE's cells, same budget and protocol): the settings tried.
+Per variant cell, BASE's cell of the same method, dataset and seed, then the variant; the headline metric,
+its ratio to the floor, recall and the steps the budget allowed; bold marks the better of each pair.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ def main() -> None:
     parser.add_argument("--metric", default="w2")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods' columns")
     parser.add_argument("--images", action="store_true", help="image datasets: one row per method")
+    parser.add_argument("--against", type=Path, default=None, help="the suite whose cells the variants change")
     args = parser.parse_args()
     latest = latest_by_cell(read_records(args.out_dir / "results.jsonl"))
+    if args.against is not None:
+        return settings_table(latest, args.against)
     suite = yaml.safe_load((args.out_dir / "suite.yaml").read_text())  # the suite's order of methods and sets
     methods = [m["name"] for m in suite["methods"] if any(m["name"] == k[0] for k in latest)
                and (args.methods is None or m["name"] in args.methods)]
@@ -98,6 +106,30 @@ def image_table(out_dir: Path, latest: dict, methods: list[str], datasets: list[
         floor_cells += [f"*{f[headline[d]]:.1f}*", f"*{f['fd_pixels']:.2f}*",
                         f"*{f['precision']:.2f} / {f['recall']:.2f}*", ""]
     print("| " + " | ".join([*floor_cells, ""]) + " |")
+
+
+def settings_table(variants: dict, base_dir: Path) -> None:
+    base = latest_by_cell(read_records(base_dir / "results.jsonl"))
+    cache = load_floors(base_dir)
+    print("| method | dataset | setting | steps | headline FD (ratio to floor) | recall |")
+    print("|---" * 6 + "|")
+    order = [m["name"] for m in yaml.safe_load((base_dir / "suite.yaml").read_text())["methods"]]
+    rank = {name: i for i, name in enumerate(order)}
+    for (name, dataset, seed), record in sorted(variants.items(),
+                                                key=lambda kv: (kv[0][1], rank.get(kv[1]["base_method"], 99), kv[0])):
+        original = base.get((record["base_method"], dataset, seed))
+        if record["status"] != "ok" or original is None or original["status"] != "ok":
+            print(f"| {record['base_method']} | {dataset} | {name} | {record['status']} (or no base cell) | | |")
+            continue
+        key = primary_metric(original["metrics"])
+        floor = floor_for(base_dir, original["data_config"], original["protocol"], cache)["metrics"][key]
+        better = min(original["metrics"][key], record["metrics"][key])
+        for label, r in (("as in " + base_dir.name, original),
+                         (", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in record["variant"].items()), record)):
+            value = r["metrics"][key]
+            fd = f"{value:.1f} ({value / floor:.1f}x)"
+            print(f"| {record['base_method']} | {dataset} | {label} | {r['budget']['used']['steps']:,} | "
+                  f"{'**' + fd + '**' if value == better else fd} | {r['metrics'].get('recall', float('nan')):.3f} |")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,31 @@ def test_rerun_trains_nothing_for_finished_cells(suite_run):
         assert sorted(p.name for p in (out / "runs" / f"{method}-8gaussians-s0").glob("version_*")) == ["version_0"]
 
 
+def test_reuse_copies_a_cell_finished_under_the_same_specification_and_trains_the_rest(suite_run, tmp_path, capsys):
+    """A tuning suite's winner adopted by another suite: same options, other name, so the same fingerprint."""
+    source = suite_run["out"]
+    adopted = write_suite(tmp_path / "adopt.yaml", name="adopt", methods=[
+        {"name": "fm", "config": str(REPO / "configs/flow_matching"), "grid": {"model.init_args.steps": [4]}},
+        {"name": "mine", "class_path": "userpkg_bench.gaussian.DiagonalGaussian",
+         "init_args": {"init_scale": 0.1, "lr": 0.02}}])  # another lr: another specification, trained
+    out = tmp_path / "out"
+    assert benchmark_main(["--suite", str(adopted), "--out", str(out), "--reuse", str(source), "--dry-run"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["reuse", "todo"]
+    records = run_suite(load_suite(adopted), out, log=lambda *a, **k: None, reuse=[source])
+    assert [r["method"] for r in records] == ["mine"]  # trained; the other one was copied
+    copied = ok_records(out)["fm[steps=4]"]
+    original = ok_records(source)["fm"]
+    assert copied["metrics"] == original["metrics"] and copied["fingerprint"] == original["fingerprint"]
+    assert copied["reused_from"]["run_name"] == "fm-8gaussians-s0" and copied["suite"] == "adopt"
+    assert copied["run_dir"].startswith("runs/fm[steps=4]-8gaussians-s0/version_")
+    samples = torch.load(out / copied["final_samples"]["path"], weights_only=True)
+    original_samples = torch.load(source / original["final_samples"]["path"], weights_only=True)
+    assert torch.equal(samples, original_samples)
+    assert ok_records(out)["mine"].get("reused_from") is None
+    assert run_suite(load_suite(adopted), out, log=lambda *a, **k: None, reuse=[source]) == []  # all done
+    assert benchmark_main(["--suite", str(adopted), "--out", str(tmp_path / "o2"), "--reuse", str(tmp_path)]) == 2
+
+
 def test_cell_resumes_from_its_last_checkpoint(suite_run, tmp_path):
     """A cell whose record was lost (killed after training) resumes from last.ckpt: no new training
     steps, the training time restored from the checkpoint, the final evaluation redone."""

@@ -159,6 +159,9 @@ def test_gan_fit_on_8gaussians_beats_an_untrained_generator(tmp_path):
     assert w2 < 1.5, w2  # an untrained generator scores about 5; measured 1.16 at 400 steps (200: 1.94)
     ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
     assert ckpt["ema_updates"] == steps and ckpt["global_step"] == steps
+    # the EMA averages the generator only: sampling never reads the discriminator
+    assert any(k.startswith("discriminator.") for k in ckpt["state_dict"])
+    assert ckpt["ema"] and not any(k.startswith("discriminator.") for k in ckpt["ema"]), sorted(ckpt["ema"])
 
 
 def test_gan_refuses_a_command_line_optimizer_before_training(tmp_path, capsys):

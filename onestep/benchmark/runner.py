@@ -37,6 +37,7 @@ import yaml
 
 from onestep.benchmark.cell import cell_args
 from onestep.benchmark.launchers import LAUNCHERS, CellPlan, Launcher, make_launcher
+from onestep.benchmark.reuse import reusable_records, reuse_cells
 from onestep.benchmark.records import (RESULTS_FILE, describe_machine_short, latest_by_cell, machine_info,
                                        package_versions, read_records)
 from onestep.benchmark.resources import add_command_line_options, command_line_options, with_command_line
@@ -136,17 +137,22 @@ def estimate_left(remaining: list[Cell], durations: dict[str, list[float]]) -> f
 
 def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | None = None,
               cells: list[Cell] | None = None, quiet: bool = True, log=print, jobs: int = 1,
-              threads: int | None = None, launcher: Launcher | None = None) -> list[dict[str, Any]]:
-    """Plan (the unfinished cells, in suite order), dispatch them to ``launcher`` (default: this process, or
-    ``jobs`` local worker processes, :mod:`onestep.benchmark.launchers`) and report one line per record
-    as it comes back; returns the records of this invocation."""
+              threads: int | None = None, launcher: Launcher | None = None,
+              reuse: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Plan (the unfinished cells, in suite order; those a ``reuse`` folder finished under the same
+    specification are copied, :mod:`onestep.benchmark.reuse`), dispatch them to ``launcher`` (default: this
+    process, or ``jobs`` local worker processes, :mod:`onestep.benchmark.launchers`) and report one line per
+    record as it comes back; returns the records of this invocation."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = suite.cells() if cells is None else cells
     done = finished_cells(out_dir, suite)
     todo = [c for c in cells if c.key not in done]
-    log(f"onestep benchmark: suite {suite.name!r}: {len(cells)} cells ({len(cells) - len(todo)} already finished, "
-        f"{len(todo)} to run) -> {out_dir}  [{describe_machine_short(machine_info())}]")
+    left = reuse_cells(suite, todo, out_dir, reuse or [], log)
+    reused = f", {len(todo) - len(left)} reused" if reuse else ""
+    todo = left
+    log(f"onestep benchmark: suite {suite.name!r}: {len(cells)} cells ({len(cells) - len(todo)} already finished"
+        f"{reused}, {len(todo)} to run) -> {out_dir}  [{describe_machine_short(machine_info())}]")
     launcher = launcher if launcher is not None else make_launcher("local", jobs)
     plan = CellPlan(suite, todo, out_dir, wandb, threads, quiet, log)
     start, durations, records = time.perf_counter(), {}, []
@@ -244,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine, --jobs at once), slurm (each cell one task of a SLURM job array through submitit; "
                         "resources from the suite's resources: and --slurm.*), submitit_local (the same through "
                         "submitit's local executor, every cell at once); slurm needs pip install onestep[cluster]")
+    parser.add_argument("--reuse", nargs="+", type=Path, default=None, metavar="DIR", help="copy the cells that "
+                        "these output folders finished under the same specification (e.g. a tuning suite's grid "
+                        "variant that this suite adopts) instead of training them; the record says where from")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one cell, for --jobs
     add_command_line_options(parser)
     return parser
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{', '.join(given)} apply to --launcher slurm or submitit_local, not to local cells")
         resources = with_command_line(suite.resources, command_line_options(args))
         launcher = None if args.dry_run else make_launcher(args.launcher, args.jobs, resources)
+        reusable = reusable_records(args.reuse) if args.reuse else {}
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"onestep benchmark: error: {err}", file=sys.stderr)
         return 2
@@ -281,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 command = "onestep fit " + shlex.join(cell_args(suite, cell, out_dir, wandb))
             except (FileNotFoundError, ValueError) as err:
                 command, doomed = f"(will fail: {err})", doomed + 1
-            print(f"{'done' if cell.key in done else 'todo'}  {cell.run_name}: {command}")
+            state = "done" if cell.key in done else "reuse" if suite.fingerprint(cell) in reusable else "todo"
+            print(f"{state}  {cell.run_name}: {command}")
         if args.launcher != "local":
             from onestep.benchmark.cluster import executor_parameters
 
@@ -309,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     record_invocation(out_dir, suite, argv)
     try:
         records = run_suite(suite, out_dir, wandb=wandb, cells=cells, quiet=not args.verbose, threads=threads,
-                            launcher=launcher)
+                            launcher=launcher, reuse=args.reuse)
     except SuiteInterrupted:
         print(f"onestep benchmark: results so far are in {out_dir / RESULTS_FILE}; resume with: onestep "
               f"{shlex.join(['benchmark', *argv])}  (`onestep report {out_dir}` reports the finished cells)",

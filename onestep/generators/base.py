@@ -215,8 +215,13 @@ class OneStepGenerator(L.LightningModule):
                 if not any(isinstance(cb, cls) for cb in present)]
 
     # ------------------------------------------------------------------ EMA
+    #: name prefixes of parameters that sampling never uses (a GAN's discriminator): the EMA skips them
+    ema_excludes: tuple[str, ...] = ()
+
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+        """The trainable parameters the EMA averages (all of them but those under :attr:`ema_excludes`)."""
+        return {name: p for name, p in self.named_parameters()
+                if p.requires_grad and not name.startswith(self.ema_excludes)}
 
     def _ensure_ema(self) -> dict[str, Tensor]:
         if self._ema is None:
@@ -362,7 +367,8 @@ class OneStepGenerator(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ema" in checkpoint:
-            self._ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
+            self._ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()
+                         if not k.startswith(self.ema_excludes)}  # older checkpoints averaged them too
         self._ema_updates = checkpoint.get("ema_updates")
 
     # ------------------------------------------------------------------ sampling

@@ -56,6 +56,7 @@ class GAN(OneStepGenerator):
     """
 
     nfe = 1
+    ema_excludes = ("discriminator.",)  # sampling is G(z): averaging D would cost memory and time, nothing else
 
     def __init__(
         self,
