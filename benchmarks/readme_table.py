@@ -2,7 +2,7 @@
 
     python benchmarks/readme_table.py results/toy [--metric w2] [--methods flow_matching gan imle]
     python benchmarks/readme_table.py results/mnist_cpu --images
-    python benchmarks/readme_table.py results/mnist_cpu_tuning --against results/mnist_cpu
+    python benchmarks/readme_table.py results/mnist_cpu_tuning --against results/mnist_cpu_first
 
 One row per dataset: the floor (mean over disjoint train chunks, as in the report), then every method's
 ``mean ± std (ratio to the floor)``; bold marks the best mean of the row. Cells that did not finish are shown
@@ -13,9 +13,11 @@ tables; bold is then the best of the columns shown. Run ``onestep report <dir>``
 LeNet space; ratio to the floor), the pixel FD, precision / recall in the LeNet space and the steps the
 budget allowed; then NFE and the images/s of the timed draw (first dataset).
 
-``--against BASE`` (a suite of grid variants of BASE's cells, same budget and protocol): the settings tried.
+``--against BASE`` (a suite of grid variants of BASE's cells, or methods named ``<BASE's method>[label]``, same
+budget and protocol): the settings tried.
 Per variant cell, BASE's cell of the same method, dataset and seed, then the variant; the headline metric,
-its ratio to the floor, recall and the steps the budget allowed; bold marks the better of each pair.
+its ratio to the floor, the pixel FD, precision / recall and the steps the budget allowed; bold marks the
+best headline value of each group.
 """
 
 from __future__ import annotations
@@ -108,29 +110,42 @@ def image_table(out_dir: Path, latest: dict, methods: list[str], datasets: list[
     print("| " + " | ".join([*floor_cells, ""]) + " |")
 
 
+def base_of(record: dict) -> str:
+    """The method a variant changes: its grid's base, or ``x`` for a method named ``x[label]``."""
+    if record.get("base_method") and record["base_method"] != record["method"]:
+        return record["base_method"]
+    return record["method"].split("[", 1)[0]
+
+
 def settings_table(variants: dict, base_dir: Path) -> None:
     base = latest_by_cell(read_records(base_dir / "results.jsonl"))
     cache = load_floors(base_dir)
-    print("| method | dataset | setting | steps | headline FD (ratio to floor) | recall |")
-    print("|---" * 6 + "|")
     order = [m["name"] for m in yaml.safe_load((base_dir / "suite.yaml").read_text())["methods"]]
     rank = {name: i for i, name in enumerate(order)}
-    for (name, dataset, seed), record in sorted(variants.items(),
-                                                key=lambda kv: (kv[0][1], rank.get(kv[1]["base_method"], 99), kv[0])):
-        original = base.get((record["base_method"], dataset, seed))
-        if record["status"] != "ok" or original is None or original["status"] != "ok":
-            print(f"| {record['base_method']} | {dataset} | {name} | {record['status']} (or no base cell) | | |")
+    groups: dict[tuple, list[dict]] = {}
+    for (name, dataset, seed), record in variants.items():
+        method = base_of(record)
+        groups.setdefault((dataset, rank.get(method, 99), method, seed), []).append(record)
+    print("| method | dataset | setting | steps | headline FD (ratio to floor) | FD (pixels) | precision / recall |")
+    print("|---" * 7 + "|")
+    for (dataset, _, method, seed), records in sorted(groups.items()):
+        original = base.get((method, dataset, seed))
+        if original is None or original["status"] != "ok":
+            print(f"| {method} | {dataset} | (no finished cell in {base_dir.name}) | | | |")
             continue
         key = primary_metric(original["metrics"])
         floor = floor_for(base_dir, original["data_config"], original["protocol"], cache)["metrics"][key]
-        better = min(original["metrics"][key], record["metrics"][key])
-        for label, r in (("as in " + base_dir.name, original),
-                         (", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in record["variant"].items()), record)):
+        rows = [("as in " + base_dir.name, original)] + [
+            (", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["variant"].items()) or r["method"], r)
+            for r in sorted(records, key=lambda r: r["method"]) if r["status"] == "ok"]
+        best = min(r["metrics"][key] for _, r in rows)
+        for label, r in rows:
             value = r["metrics"][key]
             fd = f"{value:.1f} ({value / floor:.1f}x)"
-            print(f"| {record['base_method']} | {dataset} | {label} | {r['budget']['used']['steps']:,} | "
-                  f"{'**' + fd + '**' if value == better else fd} | {r['metrics'].get('recall', float('nan')):.3f} |")
-
+            m = r["metrics"]
+            print(f"| {method} | {dataset} | {label} | {r['budget']['used']['steps']:,} | "
+                  f"{'**' + fd + '**' if value == best else fd} | {m.get('fd_pixels', float('nan')):.2f} | "
+                  f"{m.get('precision', float('nan')):.2f} / {m.get('recall', float('nan')):.2f} |")
 
 if __name__ == "__main__":
     main()

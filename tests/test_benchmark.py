@@ -187,6 +187,10 @@ def test_reuse_copies_a_cell_finished_under_the_same_specification_and_trains_th
     original_samples = torch.load(source / original["final_samples"]["path"], weights_only=True)
     assert torch.equal(samples, original_samples)
     assert ok_records(out)["mine"].get("reused_from") is None
+    from onestep.benchmark.report import _header  # the report names where a copied cell ran
+
+    header = dict(_header({"suite": {"name": "adopt"}, "run_info": {}, "records": [copied], "seeds": [0]}))
+    assert "fm[steps=4]-8gaussians-s0 = fm-8gaussians-s0 of " in header["reused cells"]
     assert run_suite(load_suite(adopted), out, log=lambda *a, **k: None, reuse=[source]) == []  # all done
     assert benchmark_main(["--suite", str(adopted), "--out", str(tmp_path / "o2"), "--reuse", str(tmp_path)]) == 2
 

@@ -108,3 +108,19 @@ def test_every_column_is_ranked_in_its_own_direction():
                   "coverage", "NFE", "samples/s"):
         assert rows["a"][label][1] and not rows["b"][label][1], label  # bold on the better method only
     assert not rows["a"]["density"][1] and not rows["b"]["density"][1]  # density is not ranked
+
+
+def test_sensitivity_panels_only_options_each_variant_sets(tmp_path):
+    """Two grids of one method with different keys (a tuning suite): the report's sensitivity figure must
+    not look an option up in a variant that does not set it (it raised KeyError and no report was written)."""
+    from onestep.benchmark import figures
+
+    def record(method, variant, fd):
+        return {"method": method, "base_method": "char", "variant": variant, "metrics": {"fd": fd}}
+
+    lr, lr_steps = {"lr": 1e-3}, {"lr": 1e-3, "steps": 200}
+    mixed = {"mnist": {"a": [record("a", lr, 5.0)], "b": [record("b", lr_steps, 4.0)]}}
+    assert figures.sensitivity(mixed, {"mnist": "fd"}, {}, tmp_path / "none.png") is None  # nothing is swept
+    swept = {"mnist": {**mixed["mnist"], "c": [record("c", {"lr": 1e-4, "steps": 200}, 6.0)]}}
+    path = figures.sensitivity(swept, {"mnist": "fd"}, {}, tmp_path / "lr.png")
+    assert path is not None and path.read_bytes().startswith(b"\x89PNG")

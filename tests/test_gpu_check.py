@@ -35,11 +35,16 @@ def test_cpu_suite_has_no_gpu_options(tmp_path):
 
 
 def test_train_rows_and_markdown_from_records(tmp_path):
-    records = [{"method": "otnfm", "status": "ok", "budget": {"used": {"steps": 300, "seconds": 12.0}},
-                "metrics": {"fd_lenet-mnist": 41.5, "w2": 1.0}},
-               {"method": "magt", "status": "failed", "budget": {"used": {}}, "metrics": None}]
+    cell = {"dataset": "mnist", "seed": 0}
+    records = [{**cell, "method": "otnfm", "status": "ok", "budget": {"used": {"steps": 300, "seconds": 20.0}},
+                "metrics": {"fd_lenet-mnist": 50.0}},  # an earlier run into the same folder: replaced below
+               {**cell, "method": "magt", "status": "failed", "budget": {"used": {}}, "metrics": None},
+               {**cell, "method": "otnfm", "status": "ok", "budget": {"used": {"steps": 300, "seconds": 12.0}},
+                "metrics": {"fd_lenet-mnist": 41.5, "w2": 1.0}}]
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     rows = gpu_check.train_rows(tmp_path / "results.jsonl")
+    assert len(rows) == 2  # one row per cell, its latest record
+    rows = sorted(rows, key=lambda r: r["method"], reverse=True)
     assert rows[0]["steps_per_s"] == 25.0 and rows[0]["fd_lenet-mnist"] == 41.5 and "w2" not in rows[0]
     assert rows[1]["steps_per_s"] is None and rows[1]["status"] == "failed"
     report = {"date": "d", "steps": 300, "precision": "bf16-mixed",

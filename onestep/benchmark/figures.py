@@ -232,8 +232,9 @@ def sensitivity(groups, metric_of, floors, path: Path) -> Path | None:
                     by_base[r.get("base_method") or r["method"]].append(r)
         for base, records in by_base.items():
             for option in sorted({k for r in records for k in r["variant"]}):
-                if len({str(r["variant"].get(option)) for r in records}) > 1:
-                    panels.append((dataset, base, option, records))
+                swept = [r for r in records if option in r["variant"]]  # grids of one base may differ in keys
+                if len({str(r["variant"][option]) for r in swept}) > 1:
+                    panels.append((dataset, base, option, swept))
     if not panels:
         return None
     fig, axes = _figure(len(panels))

@@ -191,6 +191,10 @@ def _header(data: dict[str, Any]) -> list[tuple[str, str]]:
     for inv in invocations[-3:]:
         lines.append(("command", f"{shlex.join(str(a) for a in inv.get('argv', []))}  (started {inv.get('started_at')}, "
                                  f"cwd {inv.get('cwd')})"))
+    reused = [r for r in data["records"] if r.get("reused_from")]
+    if reused:  # onestep benchmark --reuse: the cell ran in another suite's invocation (same specification)
+        lines.append(("reused cells", "; ".join(
+            f"{r['run_name']} = {r['reused_from'].get('run_name')} of {r['reused_from'].get('dir')}" for r in reused)))
     lines.append(("report written", time.strftime("%Y-%m-%d %H:%M:%S %z")))
     lines += [("machine", m) for m in machines]
     lines += [("versions", ", ".join(f"{k} {v}" for k, v in json.loads(v).items() if v)) for v in versions]

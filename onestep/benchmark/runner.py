@@ -150,9 +150,9 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
     todo = [c for c in cells if c.key not in done]
     left = reuse_cells(suite, todo, out_dir, reuse or [], log)
     reused = f", {len(todo) - len(left)} reused" if reuse else ""
-    todo = left
     log(f"onestep benchmark: suite {suite.name!r}: {len(cells)} cells ({len(cells) - len(todo)} already finished"
-        f"{reused}, {len(todo)} to run) -> {out_dir}  [{describe_machine_short(machine_info())}]")
+        f"{reused}, {len(left)} to run) -> {out_dir}  [{describe_machine_short(machine_info())}]")
+    todo = left
     launcher = launcher if launcher is not None else make_launcher("local", jobs)
     plan = CellPlan(suite, todo, out_dir, wandb, threads, quiet, log)
     start, durations, records = time.perf_counter(), {}, []
