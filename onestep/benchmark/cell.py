@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch import Callback
 
 from onestep.benchmark.records import jsonable, machine_info, package_versions
+from onestep.benchmark.staleness import configured_options
 from onestep.benchmark.suite import Cell, Suite, to_cli_value
 from onestep.benchmark.tables import primary_metric
 from onestep.callbacks import EvaluationCallback
@@ -107,13 +108,17 @@ def cell_args(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | N
     return args
 
 
-def find_resume_checkpoint(run_root: Path, fingerprint: str) -> Path | None:
+def find_resume_checkpoint(run_root: Path, fingerprint: str, options: dict[str, Any] | None = None) -> Path | None:
     """The newest ``version_*/checkpoints/last.ckpt`` of a cell among the versions written under the same
-    specification (each version directory holds a ``cell.json`` with the cell's fingerprint)."""
+    specification: each version directory holds a ``cell.json`` with the cell's fingerprint and the options
+    its config files and command line set (:func:`onestep.benchmark.staleness.configured_options`); both
+    must match (a ``cell.json`` of an older version without options: the fingerprint alone)."""
     found = []
     for ckpt in run_root.glob("version_*/checkpoints/last.ckpt"):
         try:
-            if json.loads((ckpt.parents[1] / "cell.json").read_text()).get("fingerprint") == fingerprint:
+            saved = json.loads((ckpt.parents[1] / "cell.json").read_text())
+            same_options = options is None or "options" not in saved or saved["options"] == jsonable(options)
+            if saved.get("fingerprint") == fingerprint and same_options:
                 found.append(ckpt)
         except (OSError, json.JSONDecodeError):
             continue
@@ -303,7 +308,8 @@ def _train_and_evaluate(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str
                         record: dict[str, Any], run: _CellRun) -> None:
     """Configure, train (resuming a checkpoint of the same specification) and evaluate; fills ``record``."""
     args = cell_args(suite, cell, out_dir, wandb)
-    resume = find_resume_checkpoint(out_dir / "runs" / cell.run_name, record["fingerprint"])
+    options = configured_options(args)
+    resume = find_resume_checkpoint(out_dir / "runs" / cell.run_name, record["fingerprint"], options)
     record["command"] = "onestep fit " + shlex.join(args) + (f" --ckpt_path {resume}" if resume else "")
     record["resumed_from"] = str(resume) if resume else None
     cli = _configure(args)
@@ -313,7 +319,8 @@ def _train_and_evaluate(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str
     record["data_config"] = jsonable(cli.config.as_dict().get("data", {}))
     log_dir = Path(trainer.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "cell.json").write_text(json.dumps({"fingerprint": record["fingerprint"], "cell": cell.run_name}))
+    (log_dir / "cell.json").write_text(json.dumps({"fingerprint": record["fingerprint"], "cell": cell.run_name,
+                                                   "options": jsonable(options)}))
     _tag_wandb(trainer, suite, cell)
     clock = _attach_clock(trainer, suite, cell)
     run.eval_cb = eval_cb = _find_eval_callback(trainer)

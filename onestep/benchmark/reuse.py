@@ -7,7 +7,8 @@ so the same fingerprint (:meth:`onestep.benchmark.suite.Suite.fingerprint`, whic
 not trained again: its run folder (checkpoints, ``eval.jsonl``, ``final_samples.pt``) is copied under this
 suite's run name and its record appended with this suite's method name and ``reused_from`` (the folder and
 the run it came from). Every measurement is the original's; nothing is recomputed, so nothing can differ but
-the names. A record whose run folder is gone is not reused (the cell is trained).
+the names. A record whose run folder is gone, or whose config values differ from what this cell's config
+files say now (:mod:`onestep.benchmark.staleness`), is not reused (the cell is trained).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from onestep.benchmark.staleness import cell_stale_reason
 from onestep.benchmark.records import RESULTS_FILE, append_record, latest_by_cell, read_records
 from onestep.benchmark.suite import Cell, Suite
 
@@ -42,7 +44,7 @@ def reuse_cells(suite: Suite, todo: list[Cell], out_dir: Path, sources: list[Pat
     left = []
     for cell in todo:
         hit = found.get(suite.fingerprint(cell))
-        source_run = hit and source_run_dir(*hit)
+        source_run = hit and cell_stale_reason(suite, cell, out_dir, hit[1]) is None and source_run_dir(*hit)
         if not source_run:
             left.append(cell)
             continue

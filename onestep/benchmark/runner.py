@@ -42,6 +42,7 @@ from onestep.benchmark.records import (RESULTS_FILE, describe_machine_short, lat
                                        package_versions, read_records)
 from onestep.benchmark.resources import add_command_line_options, command_line_options, with_command_line
 from onestep.benchmark.report import write_report
+from onestep.benchmark.staleness import cell_stale_reason
 from onestep.benchmark.suite import Cell, Suite, load_suite
 from onestep.benchmark.tables import primary_metric
 from onestep.callbacks.fault import Interrupted
@@ -85,14 +86,20 @@ def check_class_path(method) -> None:
                          "subclass; give module.Class of a generator (see docs/contracts.md)")
 
 
-def finished_cells(out_dir: Path, suite: Suite) -> set[tuple[str, str, int]]:
-    """Cells whose latest record is ``ok`` and was produced under the current specification."""
+def finished_cells(out_dir: Path, suite: Suite, stale: dict[str, str] | None = None) -> set[tuple[str, str, int]]:
+    """Cells whose latest record is ``ok`` and was produced under the current specification: the same
+    fingerprint and, option by option, the same config files' values (:mod:`onestep.benchmark.staleness`).
+    A finished cell that fails the second test goes into ``stale`` (run name -> why) and is run again."""
     latest = latest_by_cell(read_records(out_dir / RESULTS_FILE))
     done = set()
     for cell in suite.cells():
         record = latest.get(cell.key)
         if record and record.get("status") == "ok" and record.get("fingerprint") == suite.fingerprint(cell):
-            done.add(cell.key)
+            reason = cell_stale_reason(suite, cell, out_dir, record)
+            if reason is None:
+                done.add(cell.key)
+            elif stale is not None:
+                stale[cell.run_name] = reason
     return done
 
 
@@ -146,8 +153,11 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, wandb: dict[str, Any] | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = suite.cells() if cells is None else cells
-    done = finished_cells(out_dir, suite)
+    stale: dict[str, str] = {}
+    done = finished_cells(out_dir, suite, stale)
     todo = [c for c in cells if c.key not in done]
+    for name in [c.run_name for c in todo if c.run_name in stale]:
+        log(f"{name}: run again: {stale[name]}", flush=True)
     left = reuse_cells(suite, todo, out_dir, reuse or [], log)
     reused = f", {len(todo) - len(left)} reused" if reuse else ""
     log(f"onestep benchmark: suite {suite.name!r}: {len(cells)} cells ({len(cells) - len(todo)} already finished"
@@ -284,15 +294,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onestep benchmark: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     if args.dry_run:
-        done, doomed = finished_cells(out_dir, suite), 0
+        stale: dict[str, str] = {}
+        done, doomed = finished_cells(out_dir, suite, stale), 0
         for cell in cells:
             try:
                 check_class_path(cell.method)
                 command = "onestep fit " + shlex.join(cell_args(suite, cell, out_dir, wandb))
             except (FileNotFoundError, ValueError) as err:
                 command, doomed = f"(will fail: {err})", doomed + 1
-            state = "done" if cell.key in done else "reuse" if suite.fingerprint(cell) in reusable else "todo"
-            print(f"{state}  {cell.run_name}: {command}")
+            hit = reusable.get(suite.fingerprint(cell))
+            reuse = hit is not None and cell_stale_reason(suite, cell, out_dir, hit[1]) is None
+            state = "done" if cell.key in done else "reuse" if reuse else "todo"
+            why = f" (run again: {stale[cell.run_name]})" if cell.run_name in stale else ""
+            print(f"{state}  {cell.run_name}{why}: {command}")
         if args.launcher != "local":
             from onestep.benchmark.cluster import executor_parameters
 
