@@ -26,11 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO))
 
+from onestep.config_layers import load_method_config  # noqa: E402
 from onestep.data import OneStepDataModule  # noqa: E402
 from onestep.generators.characteristic import CharacteristicGenerator  # noqa: E402
 from onestep.metrics import wasserstein2  # noqa: E402
 
-BACKBONE = {"name": "mlp", "hidden": [256, 256, 256]}  # configs/characteristic/<2-D set>.yaml
+# the shipped vector config's network (MLP 3x256; t raw since 2026-12-06, 64 sinusoidal features before)
+BACKBONE = load_method_config(REPO / "configs" / "characteristic", "moons2d")["model"]["init_args"]["backbone"]
 N_EVAL = 2000
 
 

@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from typing import Any
 
 from characteristic_runs import (
-    REPO, data_floor, quiet, reference, train_student, train_teacher, w2_one_step, w2_teacher,
+    BACKBONE, REPO, data_floor, quiet, reference, train_student, train_teacher, w2_one_step, w2_teacher,
 )
 
 DATASETS = ("8gaussians", "moons2d", "rings2d", "spiral2d", "checker2d")
@@ -66,7 +66,8 @@ def measure(quick: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
     return [{
         "claim": "the characteristic generator at 1 NFE matches its own teacher ODE (target: W2 at 1 NFE <= "
                  f"{TARGET}x the teacher's at 100 Euler steps) on every 2-D set",
-        "protocol": (f"{', '.join(datasets)}; seed 0; batch 256; MLP 3x256 SiLU; linear-path teacher trained "
+        "protocol": (f"{', '.join(datasets)}; seed 0; batch 256; MLP 3x256 SiLU, time input "
+                     f"{BACKBONE.get('time_embedding', 'sinusoidal')}; linear-path teacher trained "
                      f"{budget['teacher_steps']} steps, student {budget['student_steps']} steps (options: "
                      f"{json.dumps(OPTIONS)}); exact W2 between 2,000 samples and the first 2,000 test points, "
                      "raw units; teacher = the frozen EMA teacher, 100 Euler steps; "
@@ -75,7 +76,7 @@ def measure(quick: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
         "verdict": verdict,
         "note": (f"holds (ratio <= {TARGET}) on {len(held)}/{len(rows)} sets: {', '.join(held) or 'none'}; worst "
                  f"{worst['dataset']} at {worst['ratio']:.2f}x. Budget reduced from the configs' 4,000 + 4,000 "
-                 f"steps to {budget['teacher_steps']} + {budget['student_steps']} (the toy suite gives each stage 1,000) to fit "
+                 f"steps to {budget['teacher_steps']} + {budget['student_steps']} (the toy suite gives 2,000 + 2,000) to fit "
                  "a loaded 2-core machine; the ratio compares the student with its own (equally short-trained) "
                  "teacher, so it measures the distillation, not the teacher's quality."),
     }]
