@@ -124,3 +124,14 @@ def test_sensitivity_panels_only_options_each_variant_sets(tmp_path):
     swept = {"mnist": {**mixed["mnist"], "c": [record("c", {"lr": 1e-4, "steps": 200}, 6.0)]}}
     path = figures.sensitivity(swept, {"mnist": "fd"}, {}, tmp_path / "lr.png")
     assert path is not None and path.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("suite_file", sorted((REPO / "configs" / "suites").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_suite_resolves_each_cell_to_a_command(suite_file, tmp_path, capsys):
+    """A suite naming a config that is gone, an option with a typo'd section or a class that no longer
+    imports fails here, not hours into a run (``--dry-run`` exits 1 and says which cell will fail)."""
+    from onestep.benchmark.runner import main as benchmark_main
+
+    assert benchmark_main(["--suite", str(suite_file), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("todo  ") and " onestep fit " in line for line in lines)
