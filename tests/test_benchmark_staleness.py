@@ -22,8 +22,8 @@ RECORD_CONFIG = {"model": {"class_path": "onestep.generators.otnfm.OTNFM",
                  "out_dir": "/elsewhere/runs", "run_name": "x"}
 
 
-def layer_args(tmp_path: Path, layer: dict, *extra: str) -> list[str]:
-    path = tmp_path / "layer.yaml"
+def layer_args(tmp_path: Path, layer: dict, *extra: str, name: str = "layer.yaml") -> list[str]:
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(layer))
     return ["--config", str(path), *extra]
 
@@ -66,13 +66,28 @@ def test_a_record_without_a_resolved_config_is_not_judged(tmp_path):
 
 
 def test_a_checkpoint_written_under_other_options_is_not_resumed(tmp_path):
-    ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
-    ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"x")
-    (tmp_path / "version_0" / "cell.json").write_text(json.dumps(
-        {"fingerprint": "aaaa", "options": {"model.init_args.lr": 0.001}}))
-    assert find_resume_checkpoint(tmp_path, "aaaa", {"model.init_args.lr": 0.001}) == ckpt
-    assert find_resume_checkpoint(tmp_path, "aaaa", {"model.init_args.lr": 0.0005}) is None
+    """Checked against the version's resolved config.yaml, so a version written before cell.json held the
+    options is checked too (it once resumed a run of another network width and failed to load)."""
+    def version(k: int, cell: dict, config: dict | None) -> Path:
+        ckpt = tmp_path / "runs" / f"version_{k}" / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        (ckpt.parents[1] / "cell.json").write_text(json.dumps(cell))
+        if config is not None:
+            (ckpt.parents[1] / "config.yaml").write_text(yaml.safe_dump(config))
+        return ckpt
+
+    same = layer_args(tmp_path, {"model": {"init_args": {"lr": 1e-3}}}, name="same.yaml")
+    other = layer_args(tmp_path, {"model": {"init_args": {"lr": 5e-4}}}, name="other.yaml")
+    old = version(0, {"fingerprint": "aaaa"}, RECORD_CONFIG)  # no options in cell.json: an older version
+    runs = tmp_path / "runs"
+    assert find_resume_checkpoint(runs, "aaaa", same) == old
+    assert find_resume_checkpoint(runs, "aaaa", other) is None
+    assert find_resume_checkpoint(runs, "aaaa") == old  # no args: the fingerprint alone (the old contract)
+    (old.parents[1] / "config.yaml").unlink()  # nothing to check against: not resumed
+    assert find_resume_checkpoint(runs, "aaaa", same) is None
+    (old.parents[1] / "cell.json").write_text(json.dumps({"fingerprint": "aaaa", "options": {"model.init_args.lr": 1e-3}}))
+    assert find_resume_checkpoint(runs, "aaaa", same) == old and find_resume_checkpoint(runs, "aaaa", other) is None
 
 
 def test_editing_a_method_config_reruns_its_finished_cells_and_only_them(tmp_path, capsys):
@@ -96,6 +111,9 @@ def test_editing_a_method_config_reruns_its_finished_cells_and_only_them(tmp_pat
         assert len(run_suite(load_suite(suite_path), out, log=quiet)) == 2
         assert run_suite(load_suite(suite_path), out, log=quiet) == []  # unchanged: nothing to do
 
+        for cell_json in out.glob("runs/*/version_*/cell.json"):  # as an older version wrote them
+            cell_json.write_text(json.dumps({k: v for k, v in json.loads(cell_json.read_text()).items()
+                                             if k != "options"}))
         vector = configs / "otnfm" / "vector.yaml"
         vector.write_text(vector.read_text().replace("lr: 1.0e-3", "lr: 5.0e-4"))
         assert benchmark_main(["--suite", str(suite_path), "--out", str(out), "--dry-run"]) == 0

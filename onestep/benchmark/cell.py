@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Callback
 
 from onestep.benchmark.records import jsonable, machine_info, package_versions
-from onestep.benchmark.staleness import configured_options
+from onestep.benchmark.staleness import configured_options, stale_reason
 from onestep.benchmark.suite import Cell, Suite, to_cli_value
 from onestep.benchmark.tables import primary_metric
 from onestep.callbacks import EvaluationCallback
@@ -108,21 +109,30 @@ def cell_args(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | N
     return args
 
 
-def find_resume_checkpoint(run_root: Path, fingerprint: str, options: dict[str, Any] | None = None) -> Path | None:
+def find_resume_checkpoint(run_root: Path, fingerprint: str, args: list[str] | None = None) -> Path | None:
     """The newest ``version_*/checkpoints/last.ckpt`` of a cell among the versions written under the same
-    specification: each version directory holds a ``cell.json`` with the cell's fingerprint and the options
-    its config files and command line set (:func:`onestep.benchmark.staleness.configured_options`); both
-    must match (a ``cell.json`` of an older version without options: the fingerprint alone)."""
+    specification: the fingerprint in the version's ``cell.json`` and, given the cell's ``onestep fit``
+    ``args``, every option they set (:mod:`onestep.benchmark.staleness`) against the version's resolved
+    ``config.yaml`` (or, without one, the options its ``cell.json`` saved; a version with neither is not
+    resumed). A checkpoint trained under other config values would otherwise be continued, or fail to load."""
     found = []
     for ckpt in run_root.glob("version_*/checkpoints/last.ckpt"):
         try:
             saved = json.loads((ckpt.parents[1] / "cell.json").read_text())
-            same_options = options is None or "options" not in saved or saved["options"] == jsonable(options)
-            if saved.get("fingerprint") == fingerprint and same_options:
+            if saved.get("fingerprint") == fingerprint and (args is None or _same_options(ckpt.parents[1], saved, args)):
                 found.append(ckpt)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, yaml.YAMLError):
             continue
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _same_options(version_dir: Path, saved: dict[str, Any], args: list[str]) -> bool:
+    config_file = version_dir / "config.yaml"
+    if config_file.is_file():
+        return stale_reason(args, {"config": yaml.safe_load(config_file.read_text()) or {}}) is None
+    if "options" in saved:
+        return saved["options"] == jsonable(configured_options(args))
+    return False
 
 
 def error_summary(message: str) -> str:
@@ -308,8 +318,7 @@ def _train_and_evaluate(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str
                         record: dict[str, Any], run: _CellRun) -> None:
     """Configure, train (resuming a checkpoint of the same specification) and evaluate; fills ``record``."""
     args = cell_args(suite, cell, out_dir, wandb)
-    options = configured_options(args)
-    resume = find_resume_checkpoint(out_dir / "runs" / cell.run_name, record["fingerprint"], options)
+    resume = find_resume_checkpoint(out_dir / "runs" / cell.run_name, record["fingerprint"], args)
     record["command"] = "onestep fit " + shlex.join(args) + (f" --ckpt_path {resume}" if resume else "")
     record["resumed_from"] = str(resume) if resume else None
     cli = _configure(args)
@@ -320,7 +329,7 @@ def _train_and_evaluate(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str
     log_dir = Path(trainer.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "cell.json").write_text(json.dumps({"fingerprint": record["fingerprint"], "cell": cell.run_name,
-                                                   "options": jsonable(options)}))
+                                                   "options": jsonable(configured_options(args))}))
     _tag_wandb(trainer, suite, cell)
     clock = _attach_clock(trainer, suite, cell)
     run.eval_cb = eval_cb = _find_eval_callback(trainer)
