@@ -86,6 +86,13 @@ def test_the_finished_result_survives_a_later_failed_retry():
     assert latest_by_cell([ok, other_spec])[("fm", "8gaussians", 0)] is other_spec  # new spec: latest wins
     newer_ok = {**ok, "metrics": {"w2": 0.2}}
     assert latest_by_cell([ok, newer_ok])[("fm", "8gaussians", 0)] is newer_ok
+    # same fingerprint, but the config file's values changed in between (a stale cell's rerun failed):
+    # the old result must not stand as the cell's; another output folder or config path alone is no change
+    ran = {**ok, "config": {"model": {"init_args": {"lr": 0.001}}, "out_dir": "/a/runs", "config": ["/a/x.yaml"]}}
+    moved = {**failed, "config": {"model": {"init_args": {"lr": 0.001}}, "out_dir": "/b/runs", "config": ["/b/x.yaml"]}}
+    changed = {**failed, "config": {"model": {"init_args": {"lr": 0.0005}}, "out_dir": "/a/runs"}}
+    assert latest_by_cell([ran, moved])[("fm", "8gaussians", 0)] is ran
+    assert latest_by_cell([ran, changed])[("fm", "8gaussians", 0)] is changed
 
 
 EXPECTED_DIRECTION = {"w2": "min", "w2_ratio": "min", "sw2": "min", "offmanifold": "min",

@@ -140,10 +140,26 @@ def latest_by_cell(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, in
         if None in key:
             continue
         if record.get("status") != "ok" and latest.get(key, {}).get("status") == "ok" \
-                and latest[key].get("fingerprint") == record.get("fingerprint"):
+                and latest[key].get("fingerprint") == record.get("fingerprint") \
+                and not _configs_differ(latest[key], record):
             continue  # a retried failure never hides the finished result of the same specification
         latest[key] = record
     return latest
+
+
+# where and under which names a run was kept: not part of what it computed
+_RUN_PLACE_KEYS = ("config", "out_dir", "run_name", "wandb", "wandb_group", "wandb_project")
+
+
+def _configs_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Both records hold a resolved config and they differ in an option that changes the result: a cell
+    rerun because its config file changed (:mod:`onestep.benchmark.staleness`) that then failed must not
+    leave the result of the old values standing as if it were current."""
+    ca, cb = a.get("config"), b.get("config")
+    if not isinstance(ca, dict) or not isinstance(cb, dict):
+        return False
+    strip = lambda c: {k: v for k, v in c.items() if k not in _RUN_PLACE_KEYS}  # noqa: E731
+    return strip(ca) != strip(cb)
 
 
 def package_versions() -> dict[str, str | None]:
