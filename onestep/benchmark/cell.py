@@ -109,6 +109,15 @@ def cell_args(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str, Any] | N
     return args
 
 
+def cell_stale_reason(suite: Suite, cell: Cell, out_dir: Path, record: dict[str, Any]) -> str | None:
+    """Why the finished ``record`` of ``cell`` is not what the cell would compute now (its config files'
+    values changed, :func:`onestep.benchmark.staleness.stale_reason`), or ``None``."""
+    try:
+        return stale_reason(cell_args(suite, cell, out_dir), record)
+    except (FileNotFoundError, ValueError) as err:
+        return f"its config cannot be read now ({err})"
+
+
 def find_resume_checkpoint(run_root: Path, fingerprint: str, args: list[str] | None = None) -> Path | None:
     """The newest ``version_*/checkpoints/last.ckpt`` of a cell among the versions written under the same
     specification: the fingerprint in the version's ``cell.json`` and, given the cell's ``onestep fit``

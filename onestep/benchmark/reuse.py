@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from onestep.benchmark.staleness import cell_stale_reason
+from onestep.benchmark.cell import cell_stale_reason
 from onestep.benchmark.records import RESULTS_FILE, append_record, latest_by_cell, read_records
 from onestep.benchmark.suite import Cell, Suite
 

@@ -35,14 +35,13 @@ from typing import Any
 
 import yaml
 
-from onestep.benchmark.cell import cell_args
+from onestep.benchmark.cell import cell_args, cell_stale_reason
 from onestep.benchmark.launchers import LAUNCHERS, CellPlan, Launcher, make_launcher
 from onestep.benchmark.reuse import reusable_records, reuse_cells
 from onestep.benchmark.records import (RESULTS_FILE, describe_machine_short, latest_by_cell, machine_info,
                                        package_versions, read_records)
 from onestep.benchmark.resources import add_command_line_options, command_line_options, with_command_line
 from onestep.benchmark.report import write_report
-from onestep.benchmark.staleness import cell_stale_reason
 from onestep.benchmark.suite import Cell, Suite, load_suite
 from onestep.benchmark.tables import primary_metric
 from onestep.callbacks.fault import Interrupted

@@ -5,7 +5,8 @@ suite's options, not what the files say: after ``configs/otnfm/vector.yaml`` cha
 cell of an existing output folder still matches its fingerprint, and resuming (or ``--reuse``) would keep
 results computed under the old default. So a finished record is also checked against the current files:
 every option that the cell's command line sets (each ``--config`` layer read in order, then each
-``--key=value``, exactly as :func:`onestep.benchmark.cell.cell_args` builds it) must equal the value stored
+``--key=value``, exactly as :func:`onestep.benchmark.cell.cell_args` builds it; a suite's cell is checked by
+:func:`onestep.benchmark.cell.cell_stale_reason`) must equal the value stored
 in the record's resolved ``config``. An option is compared whole (a dict-valued option such as
 ``model.init_args.backbone`` must match as a whole, so an entry added *or removed* is noticed).
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["cell_stale_reason", "configured_options", "stale_reason"]
+__all__ = ["configured_options", "stale_reason"]
 
 # options that name where and how a run is kept, not what it computes
 NOT_COMPARED = ("config", "out_dir", "run_name", "wandb", "wandb_group", "wandb_project")
@@ -46,16 +47,6 @@ def configured_options(args: list[str]) -> dict[str, Any]:
             else:
                 _set(options, key, value)
     return {k: v for k, v in options.items() if k.split(".")[0] not in NOT_COMPARED}
-
-
-def cell_stale_reason(suite, cell, out_dir: Path, record: dict[str, Any]) -> str | None:
-    """:func:`stale_reason` of ``cell`` of ``suite`` as it would run into ``out_dir`` now."""
-    from onestep.benchmark.cell import cell_args
-
-    try:
-        return stale_reason(cell_args(suite, cell, out_dir), record)
-    except (FileNotFoundError, ValueError) as err:
-        return f"its config cannot be read now ({err})"
 
 
 def stale_reason(args: list[str], record: dict[str, Any]) -> str | None:
