@@ -126,8 +126,11 @@ def settings_table(variants: dict, base_dir: Path) -> None:
     for (name, dataset, seed), record in variants.items():
         method = base_of(record)
         groups.setdefault((dataset, rank.get(method, 99), method, seed), []).append(record)
-    print("| method | dataset | setting | steps | headline FD (ratio to floor) | FD (pixels) | precision / recall |")
-    print("|---" * 7 + "|")
+    vector = all(primary_metric(r["metrics"]) == "w2" for rs in groups.values() for r in rs if r["status"] == "ok")
+    third = "" if vector else " FD (pixels) |"  # W2 on vector sets: no pixel space
+    print(f"| method | dataset | setting | steps | {'W2' if vector else 'headline FD'} (ratio to floor) |{third} "
+          "precision / recall |")
+    print("|---" * (6 if vector else 7) + "|")
     for (dataset, _, method, seed), records in sorted(groups.items()):
         original = base.get((method, dataset, seed))
         if original is None or original["status"] != "ok":
@@ -141,10 +144,11 @@ def settings_table(variants: dict, base_dir: Path) -> None:
         best = min(r["metrics"][key] for _, r in rows)
         for label, r in rows:
             value = r["metrics"][key]
-            fd = f"{value:.1f} ({value / floor:.1f}x)"
+            fd = f"{value:.3f} ({value / floor:.2f}x)" if vector else f"{value:.1f} ({value / floor:.1f}x)"
             m = r["metrics"]
+            pixels = "" if vector else f" {m.get('fd_pixels', float('nan')):.2f} |"
             print(f"| {method} | {dataset} | {label} | {r['budget']['used']['steps']:,} | "
-                  f"{'**' + fd + '**' if value == best else fd} | {m.get('fd_pixels', float('nan')):.2f} | "
+                  f"{'**' + fd + '**' if value == best else fd} |{pixels} "
                   f"{m.get('precision', float('nan')):.2f} / {m.get('recall', float('nan')):.2f} |")
 
 if __name__ == "__main__":
