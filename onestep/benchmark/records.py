@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from onestep.benchmark.staleness import NOT_COMPARED
+
 RESULTS_FILE = "results.jsonl"
 LOCK_WAIT_SECONDS = 600.0  # an append waits this long for another writer before giving up loudly
 LOCK_POLL_SECONDS = 0.01
@@ -147,10 +149,6 @@ def latest_by_cell(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, in
     return latest
 
 
-# where and under which names a run was kept: not part of what it computed
-_RUN_PLACE_KEYS = ("config", "out_dir", "run_name", "wandb", "wandb_group", "wandb_project")
-
-
 def _configs_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Both records hold a resolved config and they differ in an option that changes the result: a cell
     rerun because its config file changed (:mod:`onestep.benchmark.staleness`) that then failed must not
@@ -158,7 +156,7 @@ def _configs_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
     ca, cb = a.get("config"), b.get("config")
     if not isinstance(ca, dict) or not isinstance(cb, dict):
         return False
-    strip = lambda c: {k: v for k, v in c.items() if k not in _RUN_PLACE_KEYS}  # noqa: E731
+    strip = lambda c: {k: v for k, v in c.items() if k not in NOT_COMPARED}  # noqa: E731
     return strip(ca) != strip(cb)
 
 

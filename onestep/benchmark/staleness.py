@@ -24,7 +24,7 @@ import yaml
 
 __all__ = ["configured_options", "stale_reason"]
 
-# options that name where and how a run is kept, not what it computes
+# options that name where and how a run is kept, not what it computes (also used by records.latest_by_cell)
 NOT_COMPARED = ("config", "out_dir", "run_name", "wandb", "wandb_group", "wandb_project")
 MISSING = object()
 
