@@ -12,8 +12,10 @@ from conftest import REPO, needs_mnist
 from onestep.cli import main, run_lightning
 
 QUIET = ["--trainer.enable_progress_bar", "false"]
-# every method folder with an image default (a method's mnist config is its image.yaml plus mnist.yaml if any)
-MNIST_CONFIGS = sorted(p.parent for p in (REPO / "configs").glob("*/image.yaml") if p.parent.name != "suites")
+# every method folder with an image default (a method's mnist config is its image.yaml plus mnist.yaml if any),
+# and the image configs beside the defaults (configs/magt/image_pixels.yaml)
+MNIST_CONFIGS = sorted([p.parent for p in (REPO / "configs").glob("*/image.yaml") if p.parent.name != "suites"]
+                       + list((REPO / "configs").glob("*/image_*.yaml")))
 
 
 def tiny_fit_args(config: Path, out: Path, steps: int = 1) -> list[str]:
@@ -22,7 +24,7 @@ def tiny_fit_args(config: Path, out: Path, steps: int = 1) -> list[str]:
 
 
 @needs_mnist
-@pytest.mark.parametrize("config", MNIST_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", MNIST_CONFIGS, ids=lambda p: p.stem if p.suffix else p.name)
 def test_every_method_trains_one_step_and_samples_on_mnist(config, tmp_path):
     cli = run_lightning(tiny_fit_args(config, tmp_path)[1:] + ["--data.dataset", "mnist", "--data.n_train", "64",
                                                                "--data.batch_size", "8"],

@@ -69,7 +69,9 @@ def test_a_dataset_without_its_own_file_gets_its_kinds_default(tmp_path):
     config = effective(["--config", str(CONFIGS / "magt"), "--data.dataset", "torus3d"])  # a layer, same values
     assert config["model"]["init_args"]["sigma"] == vector["sigma"] == 0.15
     image = effective(["--config", str(CONFIGS / "magt"), "--data.dataset", "mnist"])
-    assert image["model"]["init_args"]["backbone"]["name"] == "conv_decoder" and image["data"]["batch_size"] == 128
+    assert image["model"]["class_path"].endswith("LatentMAGT") and image["data"]["batch_size"] == 128
+    pixels = effective(["--config", str(CONFIGS / "magt" / "image_pixels.yaml"), "--data.dataset", "mnist"])
+    assert pixels["model"]["class_path"].endswith(".MAGT") and pixels["model"]["init_args"]["backbone"]["name"] == "conv_decoder"
 
 
 def test_a_suite_passes_every_layer_as_a_config(tmp_path):

@@ -1,8 +1,9 @@
 r"""MAGT in an autoencoder's latent space (spec ``shared/specs/magt.md`` #8, ``latent_space=True``).
 
 Pixel-space MAGT on images starts in the nearest-anchor regime: with ``[-1, 1]`` pixels even real images as
-anchors give a mean ESS of 1-2 (``configs/magt/mnist.yaml``), so the loss is close to IMLE. The spec's
+anchors give a mean ESS of 1-2 (``configs/magt/image_pixels.yaml``), so the loss is close to IMLE. The spec's
 remedy is to run MAGT where the data are low-dimensional and standardised: the codes of an autoencoder.
+It is MAGT's image default (``configs/magt/image.yaml``, with the measurement that chose it).
 
 **Two stages inside one run** (:mod:`onestep.generators.staged`; switch at ``ae_steps``, or
 ``ae_fraction * max_steps``):
