@@ -380,6 +380,8 @@ def _results(suite: Suite, out_dir: Path, trainer, model, datamodule, eval_cb, c
              budget: dict[str, Any]) -> dict[str, Any]:
     """The finished cell's part of the record: metrics, NFE sweep, final samples, timing, budget used."""
     run_dir = Path(trainer.log_dir)
+    if eval_cb.final_metrics is None:  # e.g. the budget ended before a staged model's sampling stage
+        raise RuntimeError(eval_cb.skipped or "the run has no final evaluation")
     metrics = {k.removeprefix("eval/"): v for k, v in eval_cb.final_metrics.items()}
     sampling = _final_samples(model, datamodule, suite, run_dir)
     sweep = _nfe_sweep(model, datamodule, eval_cb, suite)

@@ -17,6 +17,10 @@ untimed warm-up call, CUDA synchronised) and averages ``n_r / seconds`` over ran
 
 Results go to every logger (rank 0) and, as one JSON line ``{"step", "metrics", "protocol"}``, to
 ``<log_dir>/eval.jsonl``. ``final_metrics`` holds the last result.
+
+A staged model (teacher then student, autoencoder then generator) is not scored before the stage its samples
+come from (``untrained_sampler()``): the evaluation is skipped with a warning, ``skipped`` says why, and a
+skipped final evaluation leaves ``final_metrics`` at ``None`` (the benchmark runner then fails the cell).
 """
 from __future__ import annotations
 
@@ -137,6 +141,7 @@ class EvaluationCallback(Callback):
         self.sw_projections, self.chunk_size = sw_projections, chunk_size
         self.feature_weights_path, self.cache_dir = feature_weights_path, cache_dir
         self.final_metrics: dict[str, float] | None = None
+        self.skipped: str | None = None  # why the last evaluation was skipped (an untrained sampler), if it was
         self.history: list[dict[str, Any]] = []
         self._spaces: list[str] | None = None
         self._extractors: dict[str, Any] = {}
@@ -199,7 +204,7 @@ class EvaluationCallback(Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.at_end and trainer.global_step != self._last_step:
+        if self.at_end and (trainer.global_step != self._last_step or self.skipped):  # skipped: say it ended so
             self.evaluate(trainer, pl_module, final=True)
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -283,6 +288,17 @@ class EvaluationCallback(Callback):
         """Compute the metrics (all ranks), then log, append to eval.jsonl and draw (rank 0)."""
         step = trainer.global_step
         self._last_step = step
+        untrained = getattr(pl_module, "untrained_sampler", None)
+        reason = untrained() if callable(untrained) else None
+        if reason:  # a staged model before the stage its samples come from: nothing trained to score
+            self.skipped = f"no evaluation at step {step}: {reason}"
+            if final:
+                self.final_metrics = None
+            if trainer.is_global_zero:
+                warnings.warn(self.skipped + ("; training ended before it: raise trainer.max_steps (or the "
+                                              "suite's minutes) or move the stage switch earlier" if final else ""))
+            return {}
+        self.skipped = None
         metrics, everything = self.compute_metrics(trainer, pl_module)
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: call on every rank
         record = {"step": step, "metrics": metrics, "protocol": self.protocol(trainer)}

@@ -33,6 +33,9 @@ class StagedTraining:
 
     #: stages train different parameters, so DDP must search for unused ones (``onestep fit`` reads this)
     trains_in_stages = True
+    #: the stage that trains the networks samples come from (every staged generator here has two stages);
+    #: before it, samples come from untrained networks and no evaluation scores them
+    sampling_stage = 2
 
     def register_stage(self, first: int = 1) -> None:
         """Create the ``stage`` buffer (call in ``__init__``); ``first`` > 1 skips the earlier stages."""
@@ -63,6 +66,19 @@ class StagedTraining:
     def stage_ema_decay(self, stage: int) -> float:
         """The EMA decay limit in ``stage`` (default: ``ema_decay`` in every stage)."""
         return self.ema_decay
+
+    def untrained_sampler(self) -> str | None:
+        """Why samples drawn now would come from untrained networks (the stage is before
+        :attr:`sampling_stage`), or ``None`` when they would not."""
+        stage = int(self.stage)
+        if stage >= self.sampling_stage:
+            return None
+        try:  # the switch step may need a trainer's max_steps (ae_fraction)
+            begins = f", which begins at step {self.stage_start(self.sampling_stage)}"
+        except (ValueError, AttributeError, IndexError, RuntimeError):
+            begins = ", which has not begun"
+        return (f"{type(self).__name__} is in stage {stage}; its samples come from the networks of stage "
+                f"{self.sampling_stage}{begins}")
 
     # ------------------------------------------------------------------ machinery
     def stage_start(self, stage: int) -> int:
