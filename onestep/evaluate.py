@@ -138,8 +138,7 @@ def evaluate_checkpoint(argv: list[str]) -> dict[str, Any]:
     model = load_model(identity, checkpoint, config, device)
     process = SingleProcess(datamodule, identity.global_step)
     model.trainer = process  # as during training's evaluation: the model sees its data module and step
-    untrained = getattr(model, "untrained_sampler", None)
-    if callable(untrained) and (reason := untrained()):
+    if reason := callback.untrained_reason(model):
         raise ValueError(f"--ckpt_path {ckpt_path}: saved at step {identity.global_step}, and {reason}: its "
                          "samples would come from untrained networks; evaluate a checkpoint of that stage")
     metrics, samples = callback.compute_metrics(process, model)

@@ -348,8 +348,9 @@ def _train_and_evaluate(suite: Suite, cell: Cell, out_dir: Path, wandb: dict[str
     run.phase = "training"
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     run.phase = "evaluation"
-    if not eval_cb.history or eval_cb.history[-1]["step"] != trainer.global_step:
-        # fit skipped the loop (resumed at its last step): run the final evaluation here
+    if (not eval_cb.history or eval_cb.history[-1]["step"] != trainer.global_step) and not eval_cb.skipped:
+        # fit skipped the loop (resumed at its last step): run the final evaluation here (not when it was
+        # skipped at this step for an untrained sampler: that is already said)
         eval_cb.evaluate(trainer, model, final=True)
     record.update(_results(suite, out_dir, trainer, model, datamodule, eval_cb, clock, record["budget"]))
 

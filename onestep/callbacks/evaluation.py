@@ -284,12 +284,18 @@ class EvaluationCallback(Callback):
             metrics.update({(k if k.startswith("eval/") else f"eval/{k}"): v for k, v in extra.items()})
         return {k: float(v) for k, v in metrics.items()}, everything
 
+    @staticmethod
+    def untrained_reason(pl_module: LightningModule) -> str | None:
+        """Why ``pl_module``'s samples would come from untrained networks (a staged model before its sampling
+        stage, :meth:`onestep.generators.staged.StagedTraining.untrained_sampler`), or ``None``."""
+        untrained = getattr(pl_module, "untrained_sampler", None)
+        return untrained() if callable(untrained) else None
+
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, final: bool = False) -> dict[str, float]:
         """Compute the metrics (all ranks), then log, append to eval.jsonl and draw (rank 0)."""
         step = trainer.global_step
         self._last_step = step
-        untrained = getattr(pl_module, "untrained_sampler", None)
-        reason = untrained() if callable(untrained) else None
+        reason = self.untrained_reason(pl_module)
         if reason:  # a staged model before the stage its samples come from: nothing trained to score
             self.skipped = f"no evaluation at step {step}: {reason}"
             if final:
